@@ -1,0 +1,3 @@
+"""rankjax: deep metric learning with ranking losses in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,138 @@
+r"""Pairwise distance and similarity matrices, label masks and input checks.
+
+Every ranking loss in :mod:`rankjax.losses` and the retrieval metrics in :mod:`rankjax.evaluation`
+start from the same two objects: a pairwise matrix between embeddings and the masks saying which
+pairs share a label. They live here, in one place.
+
+Distances (``distance=``):
+
+* ``"euclidean"``: :math:`d_{ij} = \sqrt{\|x_i - x_j\|^2}`, with a finite (zero) gradient at
+  :math:`x_i = x_j`;
+* ``"squared_euclidean"``: :math:`d_{ij} = \|x_i - x_j\|^2`;
+* ``"cosine"``: :math:`d_{ij} = 1 - \cos(x_i, x_j)` (a zero vector has cosine 0 with everything).
+
+The squared distance is computed from the Gram matrix,
+:math:`\|x_i\|^2 + \|x_j\|^2 - 2 x_i \cdot x_j`, clipped at 0 (one matmul, as in TF Addons), with the
+diagonal of a self-distance matrix set to exactly 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DISTANCES = ("euclidean", "squared_euclidean", "cosine")
+
+
+def check_distance(distance: str, *, allowed=DISTANCES) -> str:
+  """Returns ``distance`` or raises a ``ValueError`` naming the ``distance`` argument."""
+  if distance not in allowed:
+    raise ValueError(f"distance={distance!r} is not one of {', '.join(map(repr, allowed))}.")
+  return distance
+
+
+def check_embeddings_and_labels(embeddings, labels, *, name: str = "embeddings"):
+  """Checks a batch where it enters and returns it as ``(f32[B, D], int32[B])``.
+
+  Raises ``ValueError`` naming the argument for a wrong rank, mismatched lengths, non-floating
+  embeddings or non-integer labels. Works on tracers (it only reads shapes and dtypes), so it is
+  safe under ``jit``, ``grad`` and ``vmap``. Low-precision inputs (bfloat16, float16) are upcast to
+  float32 so that no loss overflows or loses its small differences.
+  """
+  embeddings = jnp.asarray(embeddings)
+  labels = jnp.asarray(labels)
+  if embeddings.ndim != 2:
+    raise ValueError(
+        f"{name} must have rank 2 [batch, dim]; got shape {tuple(embeddings.shape)}.")
+  if labels.ndim != 1:
+    raise ValueError(f"labels must have rank 1 [batch]; got shape {tuple(labels.shape)}.")
+  if embeddings.shape[0] != labels.shape[0]:
+    raise ValueError(
+        f"{name} has {embeddings.shape[0]} rows but labels has {labels.shape[0]} entries.")
+  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
+    raise ValueError(f"{name} must be floating point; got dtype {embeddings.dtype}.")
+  if not (jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_):
+    raise ValueError(f"labels must be integers; got dtype {labels.dtype}.")
+  return embeddings.astype(jnp.promote_types(embeddings.dtype, jnp.float32)), labels.astype(
+      jnp.int32)
+
+
+def check_nonnegative(value, name: str):
+  """Raises ``ValueError`` when a concrete ``value`` (a margin, a scale) is negative."""
+  try:
+    concrete = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return  # A traced hyper-parameter (e.g. under vmap over margins) cannot be checked.
+  if not np.isfinite(concrete) or concrete < 0:
+    raise ValueError(f"{name} must be a finite number >= 0; got {value}.")
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  r""":math:`x / \max(\|x\|, \epsilon)`: zero vectors stay zero, and the gradient stays finite."""
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(max(x, 0))`` whose gradient at 0 is 0 rather than inf (and so never NaN)."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def squared_euclidean_distances(x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+  r""":math:`\|x_i - y_j\|^2` for ``x: f32[N, D]``, ``y: f32[M, D]`` -> ``f32[N, M]``.
+
+  With ``y=None`` the matrix is between ``x`` and itself and its diagonal is exactly 0.
+  """
+  same = y is None
+  y = x if same else y
+  sq = (jnp.sum(x * x, axis=-1)[:, None] + jnp.sum(y * y, axis=-1)[None, :]
+        - 2.0 * (x @ y.T))
+  sq = jnp.maximum(sq, 0.0)
+  if same:
+    sq = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, sq)
+  return sq
+
+
+def cosine_similarities(x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+  r""":math:`\cos(x_i, y_j)` for ``x: f32[N, D]``, ``y: f32[M, D]`` -> ``f32[N, M]``."""
+  xn = l2_normalize(x)
+  yn = xn if y is None else l2_normalize(y)
+  return xn @ yn.T
+
+
+def pairwise_distances(x: jax.Array, y: jax.Array | None = None, *,
+                       distance: str = "euclidean") -> jax.Array:
+  """The ``f32[N, M]`` matrix of ``distance`` between the rows of ``x`` and of ``y`` (or ``x``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> pairwise_distances(jnp.array([[0., 0.], [3., 4.]]))
+    Array([[0., 5.],
+           [5., 0.]], dtype=float32)
+  """
+  check_distance(distance)
+  if distance == "cosine":
+    d = 1.0 - cosine_similarities(x, y)
+    if y is None:
+      d = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, d)
+    return d
+  sq = squared_euclidean_distances(x, y)
+  return sq if distance == "squared_euclidean" else safe_sqrt(sq)
+
+
+def same_label_mask(labels: jax.Array, other_labels: jax.Array | None = None) -> jax.Array:
+  """``bool[N, M]``: True where ``labels[i] == other_labels[j]`` (``other_labels`` defaults to ``labels``)."""
+  other = labels if other_labels is None else other_labels
+  return labels[:, None] == other[None, :]
+
+
+def positive_mask(labels: jax.Array) -> jax.Array:
+  """``bool[B, B]``: positive pairs, ``i != j`` with the same label."""
+  return same_label_mask(labels) & ~jnp.eye(labels.shape[0], dtype=bool)
+
+
+def negative_mask(labels: jax.Array) -> jax.Array:
+  """``bool[B, B]``: negative pairs, different labels (so ``i != j`` holds by itself)."""
+  return ~same_label_mask(labels)
