@@ -1,0 +1,233 @@
+"""Encoders by name: ``get_model(name, ...)`` builds a backbone and an embedding head.
+
+=============== ============================================= ============ =========
+name            backbone                                      features     min. size
+=============== ============================================= ============ =========
+resnet18        ImageNet ResNet-18                            512          32 px
+resnet34        ImageNet ResNet-34                            512          32 px
+resnet50        ImageNet ResNet-50 (v1, Keras-importable)     2048         32 px
+small_resnet    3x3 stem, 4 stages of 1 basic block           256          8 px
+conv4           4 x conv3x3(64)-BN-ReLU-maxpool2 (classic)    64           16 px
+conv4_strided   4 x stride-2 conv3x3(64)-BN-ReLU (fast CPU)   64           16 px
+resnet_tiny     ResNet-18 layout, width 8, for tests          64           32 px
+=============== ============================================= ============ =========
+
+The minimum size is what the backbone's total downsampling needs for its last feature map to hold
+at least one full window (the ImageNet ResNets divide by 32).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> model = get_model("conv4", num_channels=1, embedding_dim=64, normalize=True,
+  ...                   rngs=nnx.Rngs(0))
+  >>> model(jnp.zeros((8, 28, 28, 1))).shape
+  (8, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rankjax.models import resnet, small, weights
+from rankjax.models.head import EmbeddingHead
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  build: Callable[..., nnx.Module]
+  min_image_size: int
+  why: str
+
+
+_RESNET_WHY = ("downsamples by 32 (a stride-2 7x7 stem, a stride-2 max-pool and three stride-2 "
+               "stages)")
+_CONV4_WHY = "halves the image four times"
+_SPECS = {
+    "resnet18": _Spec(resnet.ResNet18, 32, _RESNET_WHY),
+    "resnet34": _Spec(resnet.ResNet34, 32, _RESNET_WHY),
+    "resnet50": _Spec(resnet.ResNet50, 32, _RESNET_WHY),
+    "small_resnet": _Spec(small.SmallResNet, 8, "downsamples by 8 (three stride-2 stages)"),
+    "conv4": _Spec(small.Conv4, 16, _CONV4_WHY + " with 2x2 max-pooling"),
+    "conv4_strided": _Spec(functools.partial(small.Conv4, downsample="strided_conv"), 16,
+                           _CONV4_WHY + " with stride-2 convolutions"),
+    "resnet_tiny": _Spec(resnet.ResNetTiny, 32, _RESNET_WHY),
+}
+MODEL_NAMES = tuple(_SPECS)
+_SMALL_MODELS = ("small_resnet", "conv4", "conv4_strided")
+
+
+def _check_name(name: str) -> _Spec:
+  if name not in _SPECS:
+    raise ValueError(f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+  return _SPECS[name]
+
+
+def _as_height_width(image_size) -> tuple[int, int]:
+  try:
+    if isinstance(image_size, (tuple, list)):
+      if len(image_size) != 2:
+        raise TypeError
+      height, width = (operator.index(s) for s in image_size)
+    else:
+      height = width = operator.index(image_size)
+  except TypeError:
+    raise ValueError("image_size must be an integer or a (height, width) pair of integers; got "
+                     f"{image_size!r}.") from None
+  return height, width
+
+
+def check_image_size(name: str, image_size) -> tuple[int, int]:
+  """Returns ``(height, width)`` or raises ``ValueError`` if model ``name`` cannot take that size.
+
+  Args:
+    name: one of :data:`MODEL_NAMES`.
+    image_size: an integer (square images) or a ``(height, width)`` pair.
+
+  Example:
+    >>> check_image_size("conv4", 28)
+    (28, 28)
+  """
+  spec = _check_name(name)
+  height, width = _as_height_width(image_size)
+  if min(height, width) < spec.min_image_size:
+    hint = ""
+    if name not in _SMALL_MODELS:
+      hint = f" For small images use {' or '.join(map(repr, _SMALL_MODELS))}."
+    raise ValueError(
+        f"model {name!r} {spec.why}, so it needs images of at least {spec.min_image_size}x"
+        f"{spec.min_image_size} pixels; got {height}x{width}.{hint}")
+  return height, width
+
+
+class EmbeddingModel(nnx.Module):
+  """``backbone`` (images -> feature map) followed by ``head`` (feature map -> embeddings).
+
+  ``model(images: f32[B, H, W, C]) -> f32[B, embedding_dim]``; float32 whatever the compute dtype.
+  ``model.train()`` normalises with batch statistics and updates the running averages,
+  ``model.eval()`` uses the running averages (a model built with ``freeze_batchnorm=True`` uses
+  them in both modes). The two submodules let an optimizer give the head its own learning rate by
+  parameter path (``backbone/...`` vs ``head/...``).
+  """
+
+  def __init__(self, backbone: nnx.Module, head: EmbeddingHead, *, model_name: str,
+               num_channels: int):
+    self.backbone = backbone
+    self.head = head
+    self.model_name = model_name
+    self.num_channels = num_channels
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != self.num_channels:
+      raise ValueError(
+          f"images must have shape [batch, height, width, {self.num_channels}] for model "
+          f"{self.model_name!r}; got {tuple(images.shape)}.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f"images must be floating point (preprocessed, not raw pixels); got dtype "
+                       f"{images.dtype}.")
+    check_image_size(self.model_name, images.shape[1:3])
+    return self.head(self.backbone(images))
+
+
+def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
+              pooling: str = "avg", normalize: bool = False, freeze_batchnorm: bool = False,
+              dtype=jnp.float32, pretrained: str | os.PathLike | None = None,
+              rngs: nnx.Rngs | int, backbone_options: dict | None = None) -> EmbeddingModel:
+  """Builds the encoder ``name`` with an embedding head.
+
+  Args:
+    name: one of :data:`MODEL_NAMES`.
+    embedding_dim: size of the embeddings.
+    num_channels: channels of the input images (1 for grayscale).
+    pooling: ``"avg"`` (global average) or ``"avg_max"`` (average + max, as Proxy-Anchor).
+    normalize: L2-normalise the embeddings.
+    freeze_batchnorm: keep BatchNorm on its running averages, in training mode too (the usual
+      recipe when fine-tuning a pretrained network on CUB, Cars or SOP).
+    dtype: compute dtype of the backbone, e.g. ``jnp.bfloat16`` on accelerators; parameters,
+      the head and the output stay float32.
+    pretrained: ``None`` (random initialisation); ``"imagenet"`` (``resnet50`` only: Keras'
+      ImageNet weights, fetched and converted on first use, see
+      :mod:`rankjax.models.keras_import`); or the path of a weights file written by
+      :func:`rankjax.models.weights.save_weights` / ``keras_import``. Pretrained Keras weights
+      expect images standardised with the ImageNet mean and std (RGB).
+    rngs: ``nnx.Rngs`` (or an integer seed) for the initialisation.
+    backbone_options: extra keyword arguments of the backbone class, e.g.
+      ``{"widths": (64, 128, 256, 512)}`` for ``small_resnet``.
+
+  Returns:
+    An :class:`EmbeddingModel`, in training mode.
+
+  Raises:
+    ValueError: for an unknown name, a bad option, or a pretrained file that does not fit.
+    RuntimeError: ``pretrained="imagenet"`` without internet access (and no cached file).
+  """
+  spec = _check_name(name)
+  if isinstance(rngs, int):
+    rngs = nnx.Rngs(rngs)
+  try:
+    valid = operator.index(num_channels) >= 1
+  except TypeError:
+    valid = False
+  if not valid:
+    raise ValueError(f"num_channels must be a positive integer; got {num_channels!r}.")
+  num_channels = operator.index(num_channels)
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"dtype={dtype!r} is not a dtype.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating-point compute dtype; got {dtype}.")
+  options = dict(backbone_options or {})
+
+  weights_file = None
+  if pretrained is not None:
+    # Imported here so that `python -m rankjax.models.keras_import` runs without a runpy warning.
+    from rankjax.models import keras_import  # pylint: disable=g-import-not-at-top
+    if isinstance(pretrained, str) and pretrained == "imagenet":
+      if name != "resnet50":
+        raise ValueError(f"pretrained='imagenet' is available for 'resnet50' only (Keras' "
+                         f"ImageNet weights); got model {name!r}.")
+      weights_file = keras_import.imagenet_resnet50_file()
+    else:
+      weights_file = os.fspath(pretrained)
+      if not os.path.exists(weights_file):
+        raise ValueError(f"pretrained must be None, 'imagenet' or the path of a weights file; "
+                         f"{weights_file!r} does not exist.")
+    try:
+      meta = weights.read_metadata(weights_file)
+    except Exception as e:  # np.load raises several types for a file that is not an .npz.
+      raise ValueError(f"pretrained={weights_file!r} is not a rankjax weights (.npz) file: "
+                       f"{e}") from None
+    if meta.get("architecture") != name:
+      raise ValueError(f"pretrained={weights_file!r} holds weights for "
+                       f"{meta.get('architecture')!r}, not for model {name!r}.")
+    if meta.get("input_convention") == keras_import.KERAS_CAFFE:
+      if num_channels != 3:
+        raise ValueError(f"ImageNet weights take RGB images: num_channels must be 3; got "
+                         f"{num_channels}.")
+      options["input_transform"] = keras_import.keras_input_transform()
+
+  build = functools.partial(spec.build, num_channels=num_channels, dtype=dtype,
+                            freeze_batchnorm=freeze_batchnorm, **options)
+  try:
+    if weights_file is None:
+      backbone = build(rngs=rngs)
+    else:
+      # Abstract, then loaded: the weights file overwrites every variable anyway.
+      backbone = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+  except TypeError as e:
+    raise ValueError(f"backbone_options {sorted(backbone_options or {})} do not fit model "
+                     f"{name!r}: {e}") from None
+  if weights_file is not None:
+    weights.load_weights(backbone, weights_file, architecture=name)
+  head = EmbeddingHead(backbone.num_features, embedding_dim, pooling=pooling,
+                       normalize=normalize, rngs=rngs)
+  return EmbeddingModel(backbone, head, model_name=name, num_channels=num_channels)
