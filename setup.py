@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tensorboard>=2.16",
     "psutil>=5.9",
+    "pillow>=10",
+    # TFDS builders import it on download_and_prepare but do not declare it.
+    "importlib_resources>=6",
 ]
 
 EXTRAS_REQUIRE = {
