@@ -85,14 +85,35 @@ def squared_euclidean_distances(x: jax.Array, y: jax.Array | None = None) -> jax
 
   With ``y=None`` the matrix is between ``x`` and itself and its diagonal is exactly 0.
   """
-  same = y is None
-  y = x if same else y
+  if y is None:
+    return _self_squared_distances(x)
   sq = (jnp.sum(x * x, axis=-1)[:, None] + jnp.sum(y * y, axis=-1)[None, :]
         - 2.0 * (x @ y.T))
-  sq = jnp.maximum(sq, 0.0)
-  if same:
-    sq = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, sq)
-  return sq
+  return jnp.maximum(sq, 0.0)
+
+
+@jax.custom_vjp
+def _self_squared_distances(x):
+  return _self_squared_distances_fwd(x)[0]
+
+
+def _self_squared_distances_fwd(x):
+  norms = jnp.sum(x * x, axis=-1)
+  sq = norms[:, None] + norms[None, :] - 2.0 * (x @ x.T)
+  kept = (sq > 0) & ~jnp.eye(x.shape[0], dtype=bool)
+  return jnp.where(kept, sq, 0.0), (x, kept)
+
+
+def _self_squared_distances_bwd(residuals, g):
+  # The matrix is symmetric in x, so one matmul with the symmetrised cotangent S = G + G^T does
+  # the backward pass: dL/dx_k = 2 (sum_j S_kj x_k - sum_j S_kj x_j). Autodiff would take two.
+  x, kept = residuals
+  g = jnp.where(kept, g, 0.0)
+  s = g + g.T
+  return (2.0 * (jnp.sum(s, axis=1)[:, None] * x - s @ x),)
+
+
+_self_squared_distances.defvjp(_self_squared_distances_fwd, _self_squared_distances_bwd)
 
 
 def cosine_similarities(x: jax.Array, y: jax.Array | None = None) -> jax.Array:

@@ -1,0 +1,234 @@
+r"""Speed (and memory) of rankjax's losses beside the Gram matmul and pytorch-metric-learning.
+
+For each batch size B (P x K batches, K = 4 per class) and D = 512, on random unit-norm float32
+embeddings, it times:
+
+* ``jax.jit(jax.value_and_grad(loss))`` for every loss and triplet mining mode;
+* the Gram matrix ``x @ x.T`` forward and backward (the matmuls every loss needs; a random
+  cotangent, so nothing is simplified away), as the yardstick: ``vs Gram`` is loss / Gram;
+* pytorch-metric-learning's equivalent loss (+ miner) forward and backward on the same data, in
+  the same run, where it is installed: ``PML / rankjax`` > 1 means rankjax is faster.
+
+Times are medians of repeated runs after a warm-up (compilation excluded). Both frameworks get the
+same number of threads (``--threads``, default 1: on a CPU shared with other jobs, torch's OpenMP
+pool with more threads than free cores stalls for hundreds of ms per call, which would flatter
+rankjax). With ``--memory`` it
+also runs each loss at B = 4096, D = 512 in a fresh process and reports its peak resident memory
+(``VmHWM``), the issue's bound being 1 GiB.
+
+PML equivalents (same margins; PML reduces some losses differently, the work is the same kind):
+contrastive: ``ContrastiveLoss`` on non-normalised L2 distances; triplet all: ``TripletMarginLoss``
+over all triplets; hard: ``+ BatchHardMiner``; semi-hard: ``+ TripletMarginMiner("semihard")``;
+npairs: ``NPairsLoss`` on dot products; angular: ``AngularLoss(alpha=45)``; npairs_angular: their
+sum; lifted: ``LiftedStructureLoss`` (skipped past 60 s a call); multi-similarity:
+``MultiSimilarityLoss + MultiSimilarityMiner``.
+
+Run: ``python benchmarks/losses.py`` (B in 128, 512, 2048 and the memory table by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+# Imported in main(), once the thread count is in XLA_FLAGS.
+jax = jnp = losses = None
+
+LOSSES = [
+    ("contrastive", "contrastive", {}),
+    ("triplet semihard", "triplet_semihard", {}),
+    ("triplet hard", "triplet_hard", {}),
+    ("triplet all", "triplet_all", {}),
+    ("npairs", "npairs", {}),
+    ("angular", "angular", {}),
+    ("npairs_angular", "npairs_angular", {}),
+    ("lifted_structure", "lifted_structure", {}),
+    ("multi_similarity", "multi_similarity", {}),
+]
+
+PML_SKIP_AFTER_S = 60.0
+
+
+def median_time(fn, *, min_runs=3, max_runs=15, budget_s=3.0):
+  """Median wall time in seconds of ``fn()`` after one warm-up call."""
+  fn()
+  times = []
+  start = time.perf_counter()
+  while len(times) < min_runs or (len(times) < max_runs
+                                  and time.perf_counter() - start < budget_s):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def make_batch(batch, dim, per_class, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, dim)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  labels = np.repeat(np.arange(batch // per_class), per_class).astype(np.int32)
+  return x, labels
+
+
+def time_gram(x):
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(x.shape[0],) * 2), jnp.float32)
+
+  @jax.jit
+  def forward_backward(x, cotangent):
+    gram, pullback = jax.vjp(lambda z: z @ z.T, x)
+    return gram, pullback(cotangent)[0]
+
+  return median_time(lambda: jax.block_until_ready(forward_backward(x, cotangent)))
+
+
+def time_rankjax(name, options, x, labels):
+  fn = jax.jit(jax.value_and_grad(losses.get_loss(name, **options)))
+  return median_time(lambda: jax.block_until_ready(fn(x, labels)))
+
+
+def pml_losses():
+  """Name -> function (embeddings, labels) -> loss tensor, or {} without PML."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from pytorch_metric_learning import distances, miners  # pylint: disable=import-outside-toplevel
+    from pytorch_metric_learning import losses as pml  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {}, None
+  l2 = distances.LpDistance(normalize_embeddings=False, p=2, power=1)
+  dot = distances.DotProductSimilarity(normalize_embeddings=False)
+  triplet = pml.TripletMarginLoss(margin=0.2, distance=l2)
+  semihard = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard", distance=l2)
+  hard = miners.BatchHardMiner(distance=l2)
+  npairs = pml.NPairsLoss(distance=dot)
+  angular = pml.AngularLoss(alpha=45)
+  ms_loss = pml.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)
+  ms_miner = miners.MultiSimilarityMiner(epsilon=0.1)
+  contrastive = pml.ContrastiveLoss(pos_margin=0, neg_margin=1, distance=l2)
+  lifted = pml.LiftedStructureLoss(neg_margin=1, pos_margin=0, distance=l2)
+  table = {
+      "contrastive": contrastive,
+      "triplet semihard": lambda e, y: triplet(e, y, semihard(e, y)),
+      "triplet hard": lambda e, y: triplet(e, y, hard(e, y)),
+      "triplet all": triplet,
+      "npairs": npairs,
+      "angular": angular,
+      "npairs_angular": lambda e, y: npairs(e, y) + 2.0 * angular(e, y),
+      "lifted_structure": lifted,
+      "multi_similarity": lambda e, y: ms_loss(e, y, ms_miner(e, y)),
+  }
+  return table, torch
+
+
+def time_pml(fn, torch, x, labels):
+  embeddings = torch.from_numpy(x).requires_grad_(True)
+  targets = torch.from_numpy(labels.astype(np.int64))
+
+  def step():
+    embeddings.grad = None
+    fn(embeddings, targets).backward()
+
+  t0 = time.perf_counter()
+  step()
+  first = time.perf_counter() - t0
+  return first if first > 5.0 else median_time(step)  # a very slow call is timed once
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from rankjax import losses
+    name, per_class = sys.argv[1], int(sys.argv[2])
+    batch, dim = 4096, 512
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, dim)) / np.sqrt(dim), jnp.float32)
+    labels = jnp.arange(batch) // per_class
+    value, grad = jax.jit(jax.value_and_grad(losses.get_loss(name)))(x, labels)
+    assert np.isfinite(float(value)) and bool(jnp.all(jnp.isfinite(grad)))
+    # VmHWM: this process image's peak resident set. (ru_maxrss would not do: Linux carries it
+    # over from the parent through fork and exec.)
+    print([int(line.split()[1]) // 1024 for line in open("/proc/self/status")
+           if line.startswith("VmHWM")][0])
+""")
+
+
+def memory_table():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  rows = [(label, name, 4) for label, name, _ in LOSSES]
+  rows += [("triplet semihard (16 classes)", "triplet_semihard", 256),
+           ("triplet all (16 classes)", "triplet_all", 256)]
+  print("\nPeak resident memory of jit(value_and_grad(loss)) at B = 4096, D = 512 (fresh process "
+        "each, VmHWM; P x K = 1024 x 4 unless noted)")
+  print(f"{'loss':32s} {'peak RSS MiB':>12s}")
+  for label, name, per_class in rows:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, name, str(per_class)], env=env,
+                         capture_output=True, text=True, check=True)
+    print(f"{label:32s} {int(out.stdout.split()[-1]):12d}", flush=True)
+
+
+def _import_jax(threads):
+  global jax, jnp, losses  # pylint: disable=global-statement
+  flags = os.environ.get("XLA_FLAGS", "")
+  if threads == 1:
+    flags += " --xla_cpu_multi_thread_eigen=false"
+  os.environ["XLA_FLAGS"] = f"{flags} intra_op_parallelism_threads={threads}".strip()
+  import jax  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  from rankjax import losses  # pylint: disable=import-outside-toplevel,redefined-outer-name
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch-sizes", type=int, nargs="*", default=[128, 512, 2048])
+  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--per-class", type=int, default=4)
+  parser.add_argument("--no-pml", action="store_true", help="skip pytorch-metric-learning")
+  parser.add_argument("--no-memory", action="store_true", help="skip the B = 4096 memory table")
+  parser.add_argument("--threads", type=int, default=1, help="threads for XLA and torch alike")
+  parser.add_argument("--losses", nargs="+", default=[name for _, name, _ in LOSSES],
+                      help="config names of the losses to run (default: all)")
+  args = parser.parse_args()
+  _import_jax(args.threads)
+
+  pml, torch = ({}, None) if args.no_pml else pml_losses()
+  if torch:
+    torch.set_num_threads(args.threads)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} with {args.threads} thread(s) "
+        f"({os.cpu_count()} CPUs)" + (f"; torch {torch.__version__} with "
+                                      f"{torch.get_num_threads()} thread(s)" if torch else
+                                      "; pytorch-metric-learning: " + (
+                                          "skipped" if args.no_pml else "not installed")))
+  print(f"value_and_grad times in ms, D = {args.dim}, {args.per_class} samples per class; "
+        "vs Gram = loss / (x @ x.T forward + backward); PML / rankjax > 1: rankjax faster")
+  header = f"{'B':>5s} {'loss':18s} {'rankjax':>9s} {'Gram':>8s} {'vs Gram':>8s}"
+  header += f" {'PML':>10s} {'PML/rankjax':>12s}" if pml else ""
+  print(header)
+  pml_too_slow = set()
+  for batch in args.batch_sizes:
+    x_np, labels_np = make_batch(batch, args.dim, args.per_class)
+    x, labels = jnp.asarray(x_np), jnp.asarray(labels_np)
+    gram = time_gram(x)
+    for label, name, options in LOSSES:
+      if name not in args.losses:
+        continue
+      ours = time_rankjax(name, options, x, labels)
+      line = f"{batch:5d} {label:18s} {1e3 * ours:9.2f} {1e3 * gram:8.2f} {ours / gram:8.2f}"
+      if pml:
+        if label in pml_too_slow:
+          line += f" {'skipped':>10s} {'(>60 s)':>12s}"
+        else:
+          theirs = time_pml(pml[label], torch, x_np, labels_np)
+          line += f" {1e3 * theirs:10.2f} {theirs / ours:12.1f}"
+          if theirs > PML_SKIP_AFTER_S / 4:  # the next size is at least 4x the work
+            pml_too_slow.add(label)
+      print(line, flush=True)
+  if not args.no_memory:
+    memory_table()
+
+
+if __name__ == "__main__":
+  main()
