@@ -119,20 +119,24 @@ def prepare(npz_path, data_dir, *, compute_stats: bool = False, work_dir=None):
   return builder
 
 
-_NPZ = flags.DEFINE_string("npz", None, "Path of omniglot_1623.npz.", required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to prepare omniglot in.",
-                                required=True)
-_COMPUTE_STATS = flags.DEFINE_bool("compute_stats", False,
-                                   "Also compute TFDS feature statistics (slower).")
+def _define_flags():
+  # Defined only when run as a program: at import time they would clash with (or, being required,
+  # break the parsing of) the flags of any other absl program that imports this module.
+  flags.DEFINE_string("npz", None, "Path of omniglot_1623.npz.", required=True)
+  flags.DEFINE_string("data_dir", None, "TFDS data directory to prepare omniglot in.",
+                      required=True)
+  flags.DEFINE_bool("compute_stats", False, "Also compute TFDS feature statistics (slower).")
 
 
 def main(argv):
   del argv
-  builder = prepare(_NPZ.value, _DATA_DIR.value, compute_stats=_COMPUTE_STATS.value)
+  npz, data_dir = flags.FLAGS.npz, flags.FLAGS.data_dir
+  builder = prepare(npz, data_dir, compute_stats=flags.FLAGS.compute_stats)
   print(f"omniglot {builder.version} is in {builder.data_dir}: "
         f"{ {str(k): v.num_examples for k, v in builder.info.splits.items()} }. "
-        f"Read it with tfds.load('omniglot', data_dir={_DATA_DIR.value!r}).")
+        f"Read it with tfds.load('omniglot', data_dir={data_dir!r}).")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,0 +1,58 @@
+r"""Cars196 zero-shot retrieval: train on car models 1-98 (8,054 images), test on 99-196 (8,131).
+
+Command (on an accelerator; TFDS ``cars196`` prepared in ``--config.data_dir``)::
+
+  python -m rankjax.main --config=experiments/configs/cars196.py:triplet_semihard \
+      --config.data_dir=~/tensorflow_datasets --workdir=/tmp/cars196_triplet_semihard
+
+Recipe: Roth, Milbich et al. 2020, "Revisiting Training Strategies and Generalization Performance
+in Deep Metric Learning" (ICML): ImageNet ResNet-50 (Keras' weights) with frozen BatchNorm, a
+128-d head, Adam lr 1e-5 with weight decay 4e-4, batch 112 (here 56 classes x 2 images), random
+resized crop to 224 px and horizontal flip,
+150 epochs (8,054 x 150 / 112 = 10,787 steps). Evaluation every 1,000 steps on the test classes; the
+``best/`` checkpoint keeps the best Recall@1 (the field reports that; Musgrave et al. 2020 argue
+for a validation split instead). The loss's hyper-parameters, and whether the head L2-normalises,
+are its paper's (rankjax/configs.py). bfloat16 compute on the accelerator.
+
+Their R@1 (ResNet-50, 128-d), not reproduced here: triplet semi-hard 75.2, N-pair 69.5, margin 79.3.
+
+``:<loss>,runlocal`` is a few steps of a tiny ResNet at 64 px (smoke tests on mock data).
+"""
+
+from rankjax import configs
+
+
+def get_config(arg: str | None = None):
+  loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard")
+  c = configs.base_config()
+  c.dataset = "cars196"
+  c.image_size = 224
+  c.classes_per_batch, c.samples_per_class = 56, 2
+  c.model.name = "resnet50"
+  c.model.pretrained = "imagenet"
+  c.model.freeze_batchnorm = True
+  c.model.embedding_dim = 128
+  c.model.dtype = "bfloat16"
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.weight_decay = 4e-4
+  c.train.steps = 10787
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.eval.every = 1000
+  c.eval.batch_size = 256
+  configs.with_loss(c, loss)
+  if "runlocal" in flags:
+    c.image_size = 64
+    c.classes_per_batch, c.samples_per_class = 4, 2
+    c.model.name = "resnet_tiny"
+    c.model.pretrained = None
+    c.model.freeze_batchnorm = False
+    c.model.dtype = "float32"
+    c.optimizer.learning_rate = 1e-3
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.eval.every = 0
+    c.eval.batch_size = 16
+  return c

@@ -1,0 +1,224 @@
+r"""The training configuration: its fields, their defaults, and each loss's paper hyper-parameters.
+
+Experiment files (``experiments/configs/<dataset>.py``) start from :func:`base_config` and set what
+their recipe changes; :func:`rankjax.train.train_and_evaluate` checks every key against it, so a
+misspelled key is an error, not a silently ignored setting. Every field can be overridden on the
+command line, e.g. ``--config.train.steps=200 --config.loss.name=npairs
+--config.loss.npairs.l2_reg=0.01``.
+
+Loss hyper-parameters live in one section per loss (``config.loss.<name>``) so that switching
+``config.loss.name`` never passes one loss's margin to another. Their defaults are the papers':
+
+=================  ==================================================  ============================
+``loss.name``      defaults                                            source
+=================  ==================================================  ============================
+contrastive        pos_margin=0, neg_margin=1.0, euclidean             Hadsell et al. 2006
+triplet_semihard   margin=0.2, euclidean, L2-normalised embeddings     Schroff et al. 2015 (FaceNet)
+triplet_hard       margin=0.2 (batch hard)                             Hermans et al. 2017
+triplet_all        margin=0.2 (batch all, mean over active triplets)   Hermans et al. 2017
+npairs             l2_reg=0.002, unnormalised embeddings, K=2          Sohn 2016
+angular            alpha=45 deg, K=2                                   Wang et al. 2017
+npairs_angular     alpha=45 deg, angular_weight=2, l2_reg=0.002, K=2   Wang et al. 2017
+lifted_structure   margin=1.0, unnormalised embeddings                 Song et al. 2016
+multi_similarity   alpha=2, beta=50, base=0.5, epsilon=0.1             Wang et al. 2019
+=================  ==================================================  ============================
+
+``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
+N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
+instead); the triplet and contrastive margins assume unit-norm embeddings; angular and
+multi-similarity normalise inside the loss, so the head's normalisation is irrelevant to them.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+from ml_collections import config_dict
+
+# The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
+LOSS_DEFAULTS: dict[str, dict] = {
+    "contrastive": dict(pos_margin=0.0, neg_margin=1.0, distance="euclidean"),
+    "triplet_semihard": dict(margin=0.2, distance="euclidean"),
+    "triplet_hard": dict(margin=0.2, distance="euclidean", soft=False),
+    "triplet_all": dict(margin=0.2, distance="euclidean", soft=False),
+    "npairs": dict(l2_reg=0.002),
+    "angular": dict(alpha_degrees=45.0),
+    "npairs_angular": dict(alpha_degrees=45.0, angular_weight=2.0, l2_reg=0.002),
+    "lifted_structure": dict(margin=1.0),
+    "multi_similarity": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
+}
+LOSS_NAMES = tuple(LOSS_DEFAULTS)
+
+# Whether the embedding head L2-normalises when config.model.normalize is None (see module doc).
+NORMALIZED_BY_LOSS = {
+    "contrastive": True, "triplet_semihard": True, "triplet_hard": True, "triplet_all": True,
+    "npairs": False, "angular": True, "npairs_angular": False, "lifted_structure": False,
+    "multi_similarity": True,
+}
+
+# Losses built on one (anchor, positive) pair per class: their batches are K = 2 per class.
+PAIR_BASED_LOSSES = ("npairs", "angular", "npairs_angular")
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "cosine", "linear", "step")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a training run reads, at its default; unlocked so experiment files can edit it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Multi-host: call jax.distributed.initialize() before anything touches the devices.
+  c.distributed = False
+
+  # Input (rankjax.data): P classes x K samples per global batch.
+  c.dataset = "omniglot"
+  c.data_dir = config_dict.placeholder(str)  # The TFDS data directory; None = TFDS' default.
+  c.image_size = 28
+  c.classes_per_batch = 32
+  c.samples_per_class = 4
+  c.augment = config_dict.placeholder(bool)  # None = the dataset's paper default.
+  # Class augmentation by rotation (Omniglot's standard recipe, Santoro et al. 2016; Vinyals et
+  # al. 2016): each class of a training batch is turned by a random multiple of 90 degrees and
+  # counted as a new class, so there are 4x as many training classes.
+  c.rotate_classes = False
+
+  # Encoder (rankjax.models).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "conv4"
+  c.model.embedding_dim = 128
+  c.model.pooling = "avg"
+  c.model.normalize = config_dict.placeholder(bool)  # None = the loss's convention.
+  c.model.freeze_batchnorm = False
+  c.model.dtype = "float32"  # Compute dtype; parameters and the loss stay float32.
+  c.model.pretrained = config_dict.placeholder(str)  # "imagenet" (resnet50) or a weights file.
+  # Extra keyword arguments of the backbone class, e.g. {"width": 64} for conv4.
+  c.model.backbone_options = ml_collections.ConfigDict()
+
+  # Loss (rankjax.losses): name, and the keyword arguments of each loss in its own section.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "triplet_semihard"
+  for name, kwargs in LOSS_DEFAULTS.items():
+    c.loss[name] = ml_collections.ConfigDict(kwargs)
+
+  # Optimizer (optax).
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate of the backbone.
+  c.optimizer.head_learning_rate = config_dict.placeholder(float)  # None = learning_rate.
+  c.optimizer.momentum = 0.9  # sgd, rmsprop.
+  c.optimizer.nesterov = False  # sgd.
+  c.optimizer.b1 = 0.9  # adam, adamw.
+  c.optimizer.b2 = 0.999  # adam, adamw.
+  c.optimizer.eps = 1e-8  # adam, adamw, rmsprop.
+  c.optimizer.rmsprop_decay = 0.9  # rmsprop.
+  # Decoupled weight decay on kernels (not biases or BatchNorm): adamw's own, else added to the
+  # gradient before the optimizer (classic L2 for sgd/rmsprop/adam).
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 0.0  # Clip the global gradient norm; 0 = no clipping.
+  c.optimizer.schedule = "constant"  # constant | cosine | linear (to 0) | step.
+  c.optimizer.warmup_steps = 0  # Linear warm-up from 0.
+  c.optimizer.decay_steps = (0,)  # step: multiply by decay_factor at these steps.
+  c.optimizer.decay_factor = 0.1  # step.
+
+  # Training loop.
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1500
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+
+  # Evaluation on the held-out classes (rankjax.evaluation).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0  # 0 = only at the end.
+  c.eval.split = "test"
+  c.eval.batch_size = 256
+  # Names for rankjax.evaluation.Evaluator: "recall@K" (any K), "map@r", "r_precision", "nmi".
+  c.eval.metrics = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi")
+  c.eval.distance = "cosine"
+  c.eval.chunk_size = config_dict.placeholder(int)
+  c.eval.best_metric = "recall@1"  # The best checkpoint (workdir/best) maximises this.
+  return c
+
+
+def with_loss(config: ml_collections.ConfigDict, loss: str) -> ml_collections.ConfigDict:
+  """Selects ``loss`` in ``config``; a pair-based loss gets K = 2 at the same global batch size."""
+  check_loss_name(loss)
+  config.loss.name = loss
+  if loss in PAIR_BASED_LOSSES and config.samples_per_class != 2:
+    batch = config.classes_per_batch * config.samples_per_class
+    config.classes_per_batch, config.samples_per_class = batch // 2, 2
+  return config
+
+
+def parse_arg(arg: str | None, default_loss: str) -> tuple[str, set[str]]:
+  """Splits a config argument like ``"npairs,runlocal"`` into the loss and a set of flags."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  flags = {p for p in parts if p not in LOSS_DEFAULTS}
+  losses = [p for p in parts if p in LOSS_DEFAULTS]
+  unknown = flags - {"runlocal"}
+  if unknown or len(losses) > 1:
+    raise ValueError(
+        f"config argument {arg!r}: expected one loss name out of {', '.join(LOSS_NAMES)}, "
+        f"optionally followed by ',runlocal'; could not read {sorted(unknown) or losses}.")
+  return (losses[0] if losses else default_loss), flags
+
+
+def check_loss_name(name: str) -> None:
+  if name not in LOSS_DEFAULTS:
+    raise ValueError(f"Unknown loss {name!r} (config.loss.name); the losses are "
+                     f"{', '.join(LOSS_NAMES)}.{_suggest(name, LOSS_NAMES)}")
+
+
+def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``."""
+  check_loss_name(config.loss.name)
+  return dict(config.loss[config.loss.name].to_dict())
+
+
+def normalize_embeddings(config: ml_collections.ConfigDict) -> bool:
+  """``config.model.normalize``, or the loss's convention when it is ``None``."""
+  if config.model.normalize is not None:
+    return bool(config.model.normalize)
+  return NORMALIZED_BY_LOSS[config.loss.name]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` for a key that :func:`base_config` lacks (a misspelling) or a bad value."""
+  _check_keys(config, base_config(), prefix="")
+  check_loss_name(config.loss.name)
+  if config.optimizer.name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {config.optimizer.name!r} (config.optimizer.name); "
+                     f"choose one of {', '.join(OPTIMIZERS)}.")
+  if config.optimizer.schedule not in SCHEDULES:
+    raise ValueError(f"Unknown schedule {config.optimizer.schedule!r} "
+                     f"(config.optimizer.schedule); choose one of {', '.join(SCHEDULES)}.")
+  if config.eval.best_metric not in config.eval.metrics:
+    raise ValueError(f"config.eval.best_metric={config.eval.best_metric!r} is not one of "
+                     f"config.eval.metrics {tuple(config.eval.metrics)}.")
+  for key in ("train.steps", "train.log_every", "train.checkpoint_every", "eval.batch_size",
+              "classes_per_batch", "samples_per_class", "image_size"):
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
+
+
+def _check_keys(config, reference, prefix):
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    if key not in reference:
+      raise ValueError(f"Unknown config key {path!r}.{_suggest(key, list(reference.keys()))} "
+                       f"The keys are listed in rankjax/configs.py:base_config.")
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if path.startswith("loss.") or path == "model.backbone_options":
+        continue  # Keyword arguments, checked by rankjax.losses.get_loss / models.get_model.
+      if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"config key {path!r} must be a section; got {config[key]!r}.")
+      _check_keys(config[key], reference[key], prefix=f"{path}.")
+
+
+def _suggest(name, choices):
+  close = difflib.get_close_matches(str(name), list(choices), n=1)
+  return f" Did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,532 @@
+r"""Training and evaluation of an embedding model with a ranking loss, data-parallel.
+
+:func:`train_and_evaluate` is the whole experiment; ``python -m rankjax.main`` only parses flags
+and calls it, so a notebook can run exactly the same thing::
+
+  from experiments.configs import omniglot
+  metrics = train_and_evaluate(omniglot.get_config("triplet_semihard"), "/tmp/omniglot")
+
+The update step is one ``jax.jit`` over a 1-D ``"data"`` mesh of all devices: parameters and
+optimizer state replicated, the batch split along its leading axis, the state donated. The loss
+is computed on the *global* batch, so every anchor meets negatives from every device, and
+BatchNorm statistics are global (synchronised BatchNorm, by construction). One step on 8 devices
+therefore equals one step on 1 device with the same global batch.
+
+Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/`` (best
+``config.eval.best_metric``), see :mod:`rankjax.checkpoint`; TensorBoard scalars in
+``tensorboard/``; ``metrics.json`` with the final evaluation. :func:`rankjax.load_embedder` turns the directory into
+an embedding function.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging as std_logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from rankjax import checkpoint
+from rankjax import configs
+from rankjax import diagnostics
+from rankjax import parallel
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+
+# A training state: plain nested dicts of arrays, so checkpoints do not depend on NNX internals.
+#   {"step": i32[], "params": {...}, "model_state": {...}, "opt_state": optax state}
+TrainState = dict[str, Any]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains ``config``'s model in ``workdir`` (resuming what is there); returns the final metrics.
+
+  Args:
+    config: a config built from :func:`rankjax.configs.base_config` (see experiments/configs/).
+    workdir: where checkpoints, TensorBoard scalars and ``metrics.json`` go. Running again on the
+      same directory resumes from its latest checkpoint.
+
+  Returns:
+    The final evaluation on ``config.eval.split``: each of ``config.eval.metrics`` (by default
+    ``recall@1/2/4/8``, ``map@r``, ``r_precision``, ``nmi``); also in ``workdir/metrics.json``.
+  """
+  from rankjax import data, evaluation, losses, models  # pylint: disable=g-import-not-at-top
+
+  # --- Config and logging (the evaluator first: a bad metric name fails before any work). ---
+  configs.check_config(config)
+  evaluator = evaluation.Evaluator(config.eval.metrics, distance=config.eval.distance,
+                                   chunk_size=config.eval.chunk_size, nmi_seed=config.seed)
+  _quiet_orbax_info_logs()
+  if config.distributed:
+    parallel.initialize_distributed()
+  is_chief = jax.process_index() == 0
+  total_steps = config.train.steps
+
+  # --- Mesh. ---
+  mesh = parallel.make_mesh()
+  global_batch_size = config.classes_per_batch * config.samples_per_class
+  parallel.check_global_batch_size(global_batch_size, mesh)
+  parallel.check_global_batch_size(config.eval.batch_size, mesh, what="config.eval.batch_size")
+  logging.info("Mesh: %d devices (%d per host, %d hosts); global batch %d = %d classes x %d.",
+               mesh.devices.size, jax.local_device_count(), jax.process_count(),
+               global_batch_size, config.classes_per_batch, config.samples_per_class)
+
+  # --- Model and loss (names and sizes are checked before any data is read). ---
+  loss_fn = losses.get_loss(config.loss.name, **configs.loss_kwargs(config))
+  models.check_image_size(config.model.name, config.image_size)
+  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  model = build_model(config, info)
+  train_graphdef, eval_graphdef, params, model_state = split_model(model)
+  logging.info("Model %s: %s parameters, %d-d embeddings (%s); loss %s %s.", config.model.name,
+               f"{sum(x.size for x in jax.tree.leaves(params)):,}", config.model.embedding_dim,
+               "L2-normalised" if configs.normalize_embeddings(config) else "unnormalised",
+               config.loss.name, configs.loss_kwargs(config))
+
+  # --- Workdir and TensorBoard. ---
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    _log_config_changes(os.path.join(workdir, CONFIG_FILE), config)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = _SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
+
+  # --- Optimizer, shardings and the update step. ---
+  tx, schedules = make_optimizer(config.optimizer, params, total_steps)
+  state = init_state(params, model_state, tx)
+  batch_transform = (functools.partial(rotate_classes, key=jax.random.key(config.seed))
+                     if config.rotate_classes else None)
+  train_step, state_sharding = parallel.jit_data_parallel(
+      make_train_step(train_graphdef, loss_fn, tx, schedules, diagnostics_kwargs(config),
+                      batch_transform=batch_transform),
+      state, mesh)
+  state = jax.device_put(state, state_sharding)
+
+  # --- Checkpoints: resume where the last run stopped. ---
+  ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints,
+                                 best_metric=config.eval.best_metric)
+  start_step = 0
+  restored = ckpts.restore_latest(model_variables(state), state["opt_state"])
+  if restored is not None:
+    variables, opt_state, progress = restored
+    start_step = progress["data_position"]
+    state = {**variables, "opt_state": opt_state,
+             "step": jax.device_put(jnp.int32(progress["step"]), state_sharding["step"])}
+    logging.info("Resumed from %s at step %d.", os.path.join(workdir, checkpoint.LATEST_DIR),
+                 start_step)
+
+  # --- Input: this host's part of each global batch, from the resumed position on. ---
+  batches = data.train_batches(
+      config.dataset, classes_per_batch=config.classes_per_batch,
+      samples_per_class=config.samples_per_class, image_size=config.image_size,
+      seed=config.seed, data_dir=config.data_dir, augment=config.augment,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  # --- Evaluators. ---
+  embed = make_embed_fn(eval_graphdef, mesh)
+
+  def evaluate(state: TrainState) -> dict[str, float]:
+    embeddings, labels = embed_split(embed, model_variables(state), mesh, config)
+    return {name: float(value) for name, value in evaluator.run(embeddings, labels)}
+
+  # --- Loop. ---
+  progress = _Progress(total_steps, start_step, global_batch_size)
+  window = []
+  metrics = None
+  for step in range(start_step + 1, total_steps + 1):
+    batch = parallel.global_batch(next(batches), mesh)
+    state, step_metrics = train_step(state, batch)
+    window.append(step_metrics)
+    if step == start_step + 1:
+      progress.compiled(state["step"])
+    if step % config.train.log_every == 0 or step == total_steps:
+      means = {k: float(np.mean(v)) for k, v in _stack(window).items()}
+      window = []
+      logging.info("%s | %s", progress(step),
+                   " ".join(f"{k} {v:.4g}" for k, v in means.items() if "/" not in k))
+      writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
+                            **progress.rates(prefix="perf/")})
+    if step % config.train.checkpoint_every == 0 or step == total_steps:
+      ckpts.save(step, model_variables(state), state["opt_state"], force=True)
+    if step == total_steps or (config.eval.every and step % config.eval.every == 0):
+      ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
+      metrics = evaluate(state)
+      logging.info("step %d eval on %s: %s", step, config.eval.split,
+                   " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+      writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+      ckpts.save_best(step, model_variables(state), metrics)
+      progress.pause()  # Evaluation time is not training throughput.
+
+  if metrics is None:  # Already trained to the end (e.g. killed before metrics.json was written).
+    metrics = evaluate(state)
+  ckpts.wait()
+  ckpts.close()
+  writer.close()
+  if is_chief:
+    _write_json_atomically(os.path.join(workdir, METRICS_FILE), metrics)
+  return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (importable: tests and notebooks use them directly).
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
+  """The encoder + head of ``config.model`` for a dataset with ``info.num_channels`` channels."""
+  from rankjax import models  # pylint: disable=g-import-not-at-top
+  return models.get_model(
+      config.model.name, embedding_dim=config.model.embedding_dim,
+      num_channels=info.num_channels, pooling=config.model.pooling,
+      normalize=configs.normalize_embeddings(config),
+      freeze_batchnorm=config.model.freeze_batchnorm, dtype=jnp.dtype(config.model.dtype),
+      pretrained=config.model.pretrained,
+      backbone_options=config.model.backbone_options.to_dict() or None,
+      rngs=nnx.Rngs(config.seed))
+
+
+def split_model(model: nnx.Module):
+  """``(train graphdef, eval graphdef, params, model_state)``; the states as plain dicts.
+
+  ``model_state`` is every variable that is not a trainable ``nnx.Param`` (BatchNorm statistics).
+  Train and eval modes differ only in static attributes, hence two graph definitions over the
+  same variables.
+  """
+  model.train()
+  train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  return (train_graphdef, eval_graphdef, nnx.to_pure_dict(params),
+          nnx.to_pure_dict(model_state))
+
+
+def init_state(params: Any, model_state: Any, tx: optax.GradientTransformation) -> TrainState:
+  """The train state before the first step."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+          "opt_state": tx.init(params)}
+
+
+def model_variables(state: TrainState) -> dict[str, Any]:
+  """What an embedder needs from a train state: ``{"params", "model_state"}``."""
+  return {"params": state["params"], "model_state": state["model_state"]}
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
+  """The optax optimizer of ``config.optimizer`` and its learning-rate schedules by group.
+
+  Parameters under the model's ``head`` get ``head_learning_rate`` (when set) and the backbone
+  ``learning_rate``, each with the same warm-up and schedule (``optax.multi_transform`` by path).
+  Weight decay applies to kernels only (rank >= 2), not to biases or BatchNorm scales. The global
+  gradient norm is clipped first when ``grad_clip_norm > 0``.
+
+  Returns:
+    ``(tx, {"backbone": schedule, "head": schedule})``.
+  """
+  decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+
+  def schedule(peak: float) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, total_steps)
+    rest = max(total_steps - warmup, 1)
+    if cfg.schedule == "constant":
+      main = optax.constant_schedule(peak)
+    elif cfg.schedule == "cosine":
+      main = optax.cosine_decay_schedule(peak, rest)
+    elif cfg.schedule == "linear":
+      main = optax.linear_schedule(peak, 0.0, rest)
+    elif cfg.schedule == "step":
+      main = optax.piecewise_constant_schedule(
+          peak, {int(s) - warmup: cfg.decay_factor for s in cfg.decay_steps if s > warmup})
+    else:
+      raise ValueError(f"Unknown schedule {cfg.schedule!r} (config.optimizer.schedule); choose "
+                       f"one of {', '.join(configs.SCHEDULES)}.")
+    if not warmup:
+      return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+  def optimizer(lr: optax.Schedule) -> optax.GradientTransformation:
+    if cfg.name == "adamw":
+      return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                         mask=decay_mask)
+    if cfg.name == "sgd":
+      base = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+    elif cfg.name == "adam":
+      base = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    elif cfg.name == "rmsprop":
+      base = optax.rmsprop(lr, decay=cfg.rmsprop_decay, eps=cfg.eps,
+                           momentum=cfg.momentum or None)
+    else:
+      raise ValueError(f"Unknown optimizer {cfg.name!r} (config.optimizer.name); choose one of "
+                       f"{', '.join(configs.OPTIMIZERS)}.")
+    if cfg.weight_decay:  # L2 regularisation, as PyTorch's weight_decay for these optimizers.
+      base = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask), base)
+    return base
+
+  schedules = {"backbone": schedule(cfg.learning_rate)}
+  if cfg.head_learning_rate is None:
+    schedules["head"] = schedules["backbone"]
+    tx = optimizer(schedules["backbone"])
+  else:
+    schedules["head"] = schedule(cfg.head_learning_rate)
+    tx = optax.multi_transform(
+        {"backbone": optimizer(schedules["backbone"]), "head": optimizer(schedules["head"])},
+        param_groups(params))
+  if cfg.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  return tx, schedules
+
+
+def param_groups(params: Any) -> Any:
+  """``"head"`` for every parameter under the model's ``head`` submodule, else ``"backbone"``."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "head" if getattr(path[0], "key", None) == "head" else "backbone", params)
+
+
+def diagnostics_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword arguments of :func:`rankjax.diagnostics.batch_diagnostics` matching the loss."""
+  kwargs = configs.loss_kwargs(config)
+  out = {"distance": kwargs.get("distance", "euclidean")}
+  if config.loss.name == "contrastive":
+    out.update(pos_margin=kwargs["pos_margin"], neg_margin=kwargs["neg_margin"])
+  elif config.loss.name.startswith("triplet"):
+    out["margin"] = kwargs["margin"]
+  return out
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedules: dict[str, optax.Schedule], diagnostic_kwargs: dict[str, Any], *,
+                    batch_transform: Callable[[dict, jax.Array], dict] | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
+
+  ``batch`` is ``{"image": f32[B, H, W, C], "label": int[B]}``; jit it with the shardings of
+  :mod:`rankjax.parallel` (train_and_evaluate does). ``metrics`` holds the loss, the gradient norm,
+  the learning rates and :func:`rankjax.diagnostics.batch_diagnostics` of the batch.
+  ``batch_transform(batch, step)``, if given, augments the batch on the device first (e.g.
+  :func:`rotate_classes`).
+  """
+
+  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    if batch_transform is not None:
+      batch = batch_transform(batch, state["step"])
+    def compute_loss(params):
+      model = nnx.merge(graphdef, params, state["model_state"])
+      embeddings = model(batch["image"]).astype(jnp.float32)
+      new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+      return loss_fn(embeddings, batch["label"]), (embeddings, new_model_state)
+
+    (loss, (embeddings, model_state)), grads = jax.value_and_grad(
+        compute_loss, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               **{f"lr/{k}": s(state["step"]) for k, s in schedules.items()},
+               **diagnostics.batch_diagnostics(embeddings, batch["label"], **diagnostic_kwargs)}
+    new_state = {"step": state["step"] + 1, "params": params, "model_state": model_state,
+                 "opt_state": opt_state}
+    return new_state, metrics
+
+  return step
+
+
+def rotate_classes(batch: dict[str, jax.Array], step: jax.Array, *, key: jax.Array
+                   ) -> dict[str, jax.Array]:
+  r"""Turns each class of a batch by its own random multiple of 90 degrees, as a new class.
+
+  The class augmentation of Omniglot training (Santoro et al. 2016, "One-shot Learning with
+  Memory-Augmented Neural Networks"; Vinyals et al. 2016, "Matching Networks"): a character
+  rotated by :math:`90 r` degrees is a new character. With :math:`r \in \{0, 1, 2, 3\}` drawn
+  per (label, step) from ``key``, every image of a class in the batch turns the same way and
+  gets the label :math:`4 y + r`. Deterministic in ``step`` (a resumed run sees the same batches).
+
+  Args:
+    batch: ``{"image": f32[B, S, S, C] (square), "label": int[B], ...}``.
+    step: the training step (a traced scalar is fine).
+    key: the base PRNG key.
+
+  Returns:
+    The batch with rotated images and the new labels.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> b = {"image": jnp.arange(8.).reshape(2, 2, 2, 1), "label": jnp.array([3, 3])}
+    >>> out = rotate_classes(b, 0, key=jax.random.key(0))
+    >>> bool(out["label"][0] == out["label"][1]) and 12 <= int(out["label"][0]) <= 15
+    True
+  """
+  images, labels = batch["image"], batch["label"]
+  if images.shape[1] != images.shape[2]:
+    raise ValueError(f"rotate_classes needs square images; got shape {images.shape}.")
+  step_key = jax.random.fold_in(key, step)
+  turns = jax.vmap(lambda y: jax.random.randint(jax.random.fold_in(step_key, y), (), 0, 4))(
+      labels)
+  rotated = images
+  for k in (1, 2, 3):  # Elementwise selects keep the batch sharding intact.
+    rotated = jnp.where((turns == k)[:, None, None, None], jnp.rot90(images, k, axes=(1, 2)),
+                        rotated)
+  return {**batch, "image": rotated, "label": labels * 4 + turns.astype(labels.dtype)}
+
+
+def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
+                  ) -> Callable[[dict, jax.Array], jax.Array]:
+  """``embed(model_variables, images) -> f32[B, E]`` in eval mode, jitted (sharded on ``mesh``)."""
+
+  def embed(variables, images):
+    model = nnx.merge(eval_graphdef, variables["params"], variables["model_state"])
+    return model(images).astype(jnp.float32)
+
+  if mesh is None:
+    return jax.jit(embed)
+  return jax.jit(embed, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=parallel.batch_sharded(mesh))
+
+
+def embed_split(embed: Callable, variables: dict, mesh: jax.sharding.Mesh,
+                config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """Embeds every image of ``config.eval.split`` once: ``(f32[N, E], int32[N])`` on the host."""
+  from rankjax import data  # pylint: disable=g-import-not-at-top
+  embeddings, labels = [], []
+  for host_batch in data.eval_batches(
+      config.dataset, batch_size=config.eval.batch_size, image_size=config.image_size,
+      split=config.eval.split, data_dir=config.data_dir, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    batch = parallel.global_batch(host_batch, mesh)
+    out = parallel.to_host({"embedding": embed(variables, batch["image"]),
+                            "label": batch["label"], "mask": batch["mask"]})
+    keep = np.asarray(out["mask"]).astype(bool)
+    embeddings.append(np.asarray(out["embedding"])[keep])
+    labels.append(np.asarray(out["label"])[keep])
+  return np.concatenate(embeddings), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and TensorBoard.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Progress:
+  """A progress line: bar, step, steps/s and images/s since the last line, and the ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
+    self.total = total_steps
+    self.batch = global_batch_size
+    self.last_step = start_step
+    self.last_time = time.perf_counter()
+    self.steps_per_s = float("nan")
+
+  def compiled(self, step_array: jax.Array) -> None:
+    """Called after the first step: its compile time is not throughput."""
+    step_array.block_until_ready()
+    logging.info("First step (compilation included) took %.1f s.",
+                 time.perf_counter() - self.last_time)
+    self.last_step += 1
+    self.last_time = time.perf_counter()
+
+  def pause(self) -> None:
+    self.last_time = time.perf_counter()
+
+  def __call__(self, step: int) -> str:
+    now = time.perf_counter()
+    if step > self.last_step:
+      self.steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    frac = step / self.total
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    eta = (self.total - step) / self.steps_per_s if self.steps_per_s > 0 else float("nan")
+    return (f"[{bar}] {step}/{self.total} | {self.steps_per_s:.2f} steps/s "
+            f"{self.steps_per_s * self.batch:.0f} img/s | ETA {_format_seconds(eta)}")
+
+  def rates(self, prefix: str = "") -> dict[str, float]:
+    if math.isnan(self.steps_per_s):
+      return {}
+    return {f"{prefix}steps_per_s": self.steps_per_s,
+            f"{prefix}images_per_s": self.steps_per_s * self.batch}
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+class _SummaryWriter:
+  """TensorBoard scalars through ``tf.summary`` (TensorFlow is already there for tf.data)."""
+
+  def __init__(self, logdir: str, *, enabled: bool = True):
+    self._writer = None
+    if enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(logdir)
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default(step=step):
+      for name, value in values.items():
+        self._tf.summary.scalar(name, value)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def _log_config_changes(path: str, config: ml_collections.ConfigDict) -> None:
+  """Warns when a workdir is resumed with a config other than the one it was started with."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    before = _flatten(json.load(f))
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+  if changed:
+    logging.warning("%s was written by a run with another config; changed: %s", path,
+                    ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _quiet_orbax_info_logs() -> None:
+  """Orbax logs every file operation at INFO; keep its warnings, drop the rest."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropOrbaxInfo())
+
+
+class _DropOrbaxInfo(std_logging.Filter):
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _stack(window: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+  fetched = jax.device_get(window)
+  return {k: np.stack([m[k] for m in fetched]) for k in fetched[0]}
+
+
+def _write_json_atomically(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,260 @@
+"""Tests of the experiment scripts: compare_losses.py and stability.py, end to end on digits.
+
+The end-to-end tests run the real scripts as a user does (a subprocess, one CPU device, tiny
+``runlocal`` configs), then check their files against numbers recomputed here from each run's own
+metrics.json, and that a second invocation reuses the finished runs instead of training again.
+"""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from experiments import compare_losses  # noqa: E402
+from experiments import stability  # noqa: E402
+from experiments import sweep  # noqa: E402
+
+
+# --- Unit tests of the shared machinery -------------------------------------------------------
+
+
+def test_mean_and_std_is_sample_std():
+  mean, std = sweep.mean_and_std([0.5, 0.7, 0.9])
+  assert mean == pytest.approx(0.7)
+  assert std == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / (3 - 1))
+  assert sweep.mean_and_std([0.3]) == (0.3, 0.0)
+
+
+def test_chance_recall_at_1_by_hand():
+  # Class 0 (2 items): 1 other of 4 -> 1/4; class 1 (3 items): 2 of 4 -> 1/2. Mean over 5 queries.
+  assert sweep.chance_recall_at_1(np.array([0, 0, 1, 1, 1])) == pytest.approx(
+      (2 * 0.25 + 3 * 0.5) / 5)
+
+
+def test_mean_cosine_distance_against_brute_force():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 7))
+  x[3] = 0.0  # A zero vector: cosine 0 with everything.
+  norms = np.linalg.norm(x, axis=1)
+  expected = []
+  for i in range(50):
+    for j in range(50):
+      if i != j:
+        cos = 0.0 if norms[i] == 0 or norms[j] == 0 else x[i] @ x[j] / (norms[i] * norms[j])
+        expected.append(1.0 - cos)
+  assert stability.mean_cosine_distance(x) == pytest.approx(np.mean(expected), abs=1e-12)
+  # All pointing one way, at any scale: collapsed.
+  same = np.outer(rng.uniform(0.1, 100, size=20), rng.normal(size=7))
+  assert stability.mean_cosine_distance(same) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_classify_reasons():
+  rng = np.random.default_rng(1)
+  spread = rng.normal(size=(40, 8))
+  untrained = rng.normal(size=(40, 8)) + 5.0  # A common direction: a small spread (~0.02).
+  thresholds = dict(collapse_ratio=0.1, chance_factor=2.0)
+
+  def measured(embeddings, recall_at_1=0.9, final_loss=0.1):
+    return stability.measurements_of(
+        final_loss=final_loss, embeddings=embeddings, recall_at_1=recall_at_1, chance=0.2,
+        initial_embeddings=untrained, initial_recall_at_1=0.7)
+
+  initial_spread = stability.mean_cosine_distance(untrained)
+  assert 0.01 < initial_spread < 0.05
+  ok = stability.classify(measured(spread), **thresholds)
+  assert ok == {"degenerate": False, "reason": ""}
+  # Far tighter than the untrained network: collapsed, whatever Recall@1 says (ties inflate it).
+  tight = np.ones((40, 8)) + 0.03 * rng.normal(size=(40, 8))
+  assert stability.mean_cosine_distance(tight) < 0.1 * initial_spread
+  assert stability.classify(measured(tight), **thresholds) == {"degenerate": True,
+                                                              "reason": "collapsed"}
+  assert not stability.classify(measured(tight), collapse_ratio=0.01,
+                                chance_factor=2.0)["degenerate"]
+  assert stability.classify(measured(spread, recall_at_1=0.39), **thresholds)["reason"] == (
+      "at chance")
+  assert stability.classify(measured(tight, recall_at_1=0.1), **thresholds)["reason"] == (
+      "collapsed+at chance")
+  bad = spread.copy()
+  bad[0, 0] = np.nan
+  assert stability.classify(measured(bad), **thresholds)["reason"] == "non-finite"
+  assert stability.classify(measured(spread, final_loss=np.inf), **thresholds)["reason"] == (
+      "non-finite")
+
+
+def test_batch_layout():
+  layout = lambda b, loss, k=4, c=964: stability.batch_layout(
+      b, loss=loss, samples_per_class=k, train_classes=c)
+  assert layout(128, "triplet_hard") == (32, 4)
+  assert layout(128, "npairs") == (64, 2)
+  assert layout(40, "triplet_semihard", k=8, c=5) == (5, 8)
+  assert layout(80, "triplet_semihard", k=8, c=5) == (5, 16)  # P capped at the class count.
+  assert layout(20, "npairs", c=5) is None  # N-pairs: batch bounded by 2 x classes.
+  assert layout(30, "triplet_all") is None  # 30 is not P x 4.
+
+
+def test_config_overrides_and_errors():
+  config = compare_losses.build_config("digits", "npairs", 3, steps=12, eval_every=0,
+                                       overrides=["optimizer.learning_rate=3e-4"])
+  assert (config.seed, config.train.steps, config.eval.every) == (3, 12, 0)
+  assert config.optimizer.learning_rate == pytest.approx(3e-4)
+  assert config.samples_per_class == 2
+  with pytest.raises(ValueError, match="optimizer.learnig_rate"):
+    sweep.apply_overrides(config, ["optimizer.learnig_rate=1"])
+  with pytest.raises(ValueError, match="no config file"):
+    sweep.load_config("mnist", "npairs")
+  with pytest.raises(ValueError, match="unknown loss"):
+    compare_losses.build_config("digits", "triplet", 0)
+
+
+def test_a_finished_run_is_only_reused_for_the_same_config(tmp_path):
+  config = compare_losses.build_config("digits", "contrastive", 0, steps=7)
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, sweep.CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  with open(os.path.join(workdir, sweep.METRICS_FILE), "w") as f:
+    json.dump({"recall@1": 0.5}, f)
+  calls = []
+  result = sweep.run_or_reuse(config, workdir, train_fn=lambda *a: calls.append(a))
+  assert result.reused and result.metrics == {"recall@1": 0.5} and not calls
+  other = compare_losses.build_config("digits", "contrastive", 0, steps=8)
+  with pytest.raises(ValueError, match="train.steps: 7 in the run, 8 requested"):
+    sweep.run_or_reuse(other, workdir, train_fn=lambda *a: calls.append(a))
+
+
+# --- End to end --------------------------------------------------------------------------------
+
+
+def _run(script, *args, cache):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # One CPU device, as a user's laptop: the N-pair batch of 10 is legal.
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", script), *args,
+       f"--compilation_cache={cache}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_compare_losses_end_to_end_and_resume(tmp_path, cache):
+  out = str(tmp_path / "digits")
+  args = ["--losses=triplet_semihard,npairs", "--seeds=0,1", "--config_flags=runlocal",
+          f"--output_dir={out}", "--eval_every=2"]
+  stdout = _run("compare_losses.py", *args, cache=cache)
+  assert stdout.count("trained in") == 4, stdout
+  for name in ("results.md", "results.csv", "runs.csv", "recall_at_k.png",
+               "training_curves.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+  # The table is the mean and sample std of the runs' own metrics.json.
+  rows = {r["loss"]: r for r in _csv(os.path.join(out, "results.csv"))}
+  assert set(rows) == {"triplet_semihard", "npairs"}
+  for loss, row in rows.items():
+    runs = [json.load(open(os.path.join(out, "runs", loss, f"seed{s}", "metrics.json")))
+            for s in (0, 1)]
+    for key in ("recall@1", "recall@8", "map@r", "nmi"):
+      values = np.array([r[key] for r in runs])
+      assert float(row[f"{key}_mean"]) == pytest.approx(values.mean(), abs=1e-6)
+      assert float(row[f"{key}_std"]) == pytest.approx(values.std(ddof=1), abs=1e-6)
+  md = open(os.path.join(out, "results.md")).read()
+  assert "compare_losses.py --losses=triplet_semihard,npairs" in md  # The command.
+  best = max(rows.values(), key=lambda r: float(r["recall@1_mean"]))
+  assert f"**{float(best['recall@1_mean']):.3f} ± {float(best['recall@1_std']):.3f}**" in md
+  # Training curves come from the TensorBoard scalars: R@1 at steps 2 and 4 (runlocal: 4 steps).
+  steps, values = sweep.read_scalars(os.path.join(out, "runs", "npairs", "seed0"))[
+      "eval/recall@1"]
+  assert steps.tolist() == [2, 4]
+  assert values[-1] == pytest.approx(
+      json.load(open(os.path.join(out, "runs", "npairs", "seed0", "metrics.json")))["recall@1"])
+
+  # Second invocation: nothing is trained again, the results are rewritten from the same runs.
+  metrics_files = sorted(glob.glob(os.path.join(out, "runs", "*", "*", "metrics.json")))
+  events = sorted(glob.glob(os.path.join(out, "runs", "*", "*", "tensorboard", "*")))
+  mtimes = [os.path.getmtime(p) for p in metrics_files]
+  before = open(os.path.join(out, "results.csv")).read()
+  stdout = _run("compare_losses.py", *args, cache=cache)
+  assert stdout.count("reused finished run") == 4 and "trained in" not in stdout, stdout
+  assert [os.path.getmtime(p) for p in metrics_files] == mtimes
+  assert sorted(glob.glob(os.path.join(out, "runs", "*", "*", "tensorboard", "*"))) == events
+  assert open(os.path.join(out, "results.csv")).read() == before
+
+
+def test_stability_end_to_end(tmp_path, cache):
+  out = str(tmp_path / "stability")
+  args = ["--losses=triplet_hard,npairs", "--learning_rates=0.5", "--batch_sizes=10,20",
+          "--config_flags=runlocal", f"--output_dir={out}"]
+  _run("stability.py", *args, cache=cache)
+  for name in ("stability.md", "stability.csv", "degenerate_fraction.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  rows = _csv(os.path.join(out, "stability.csv"))
+  assert len(rows) == 2 * 1 * 2
+  # 20 images as N-pairs would need 10 classes; digits trains on 5: not possible.
+  na = [r for r in rows if r["reason"].startswith("n/a")]
+  assert {(r["loss"], r["batch_size"]) for r in na} == {("npairs", "20")}
+  # The config's K = 8 does not divide 10: all 5 training classes x 2.
+  hard10 = [r for r in rows if r["loss"] == "triplet_hard" and r["batch_size"] == "10"]
+  assert {(r["P"], r["K"]) for r in hard10} == {("5", "2")}
+  # Chance Recall@1 of digits 5-9, from scikit-learn's own class counts.
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  target = load_digits().target
+  counts = np.bincount(target[target >= 5])[5:]
+  chance = np.sum(counts * (counts - 1)) / (counts.sum() * (counts.sum() - 1))
+  ran = [r for r in rows if not r["reason"].startswith("n/a")]
+  assert len(ran) == 3
+  for r in ran:
+    assert float(r["chance_recall@1"]) == pytest.approx(chance, rel=1e-5)
+    degenerate = (float(r["mean_cosine_distance"]) < 0.1 * float(r["initial_mean_cosine_distance"])
+                  or float(r["recall@1"]) < 2 * chance
+                  or not np.isfinite(float(r["final_train_loss"])))
+    assert (r["degenerate"] == "True") == degenerate, r
+  assert "triplet (batch hard)" in open(os.path.join(out, "stability.md")).read()
+  # Second invocation reuses runs and their diagnostics.
+  stdout = _run("stability.py", *args, cache=cache)
+  assert "trained in" not in stdout and stdout.count("reused") == 3, stdout
+
+
+def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
+  """A run whose evaluation refuses NaN embeddings is degenerate (non-finite), and not re-run."""
+  calls = []
+
+  def diverging_train(config, workdir):
+    calls.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, sweep.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    raise ValueError("embeddings contain NaN values")
+
+  grid = dict(dataset="digits", losses=["contrastive"], learning_rates=[10.0], batch_sizes=[40],
+              seeds=[0], output_dir=str(tmp_path), config_flags="runlocal",
+              train_fn=diverging_train, log=lambda *a, **k: None)
+  rows = stability.run_grid(**grid)
+  assert len(calls) == 1
+  assert rows[0]["degenerate"] is True and rows[0]["reason"] == "non-finite"
+  assert os.path.exists(os.path.join(tmp_path, "runs", "contrastive", "lr10_bs40_seed0",
+                                     stability.FAILED_FILE))
+  rows = stability.run_grid(**grid)
+  assert len(calls) == 1 and rows[0]["reason"] == "non-finite"
+
+  def other_error(config, workdir):
+    raise ValueError("config.train.steps must be a positive integer")
+
+  with pytest.raises(ValueError, match="positive integer"):
+    stability.run_grid(**{**grid, "output_dir": str(tmp_path / "b"), "train_fn": other_error})

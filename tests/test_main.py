@@ -1,0 +1,111 @@
+"""End to end: the real ``rankjax.main`` on digits and on mock TFDS data, and ``load_embedder``."""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+from absl import flags
+import numpy as np
+import pytest
+import sklearn.datasets
+import tensorflow as tf
+
+import rankjax
+from rankjax import evaluation
+from rankjax import main as rankjax_main
+from rankjax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
+
+
+def _run_main(*argv):
+  """Runs ``python -m rankjax.main ARGV`` in this process (so TFDS mocks apply)."""
+  argv = ["rankjax.main", *argv]
+  flags.FLAGS.unparse_flags()
+  for name in list(flags.FLAGS):  # The previous run's --config.* override flags.
+    if name.startswith("config."):
+      delattr(flags.FLAGS, name)
+  with mock.patch.object(sys, "argv", argv):  # config_flags reads its overrides from sys.argv.
+    flags.FLAGS(argv)
+    rankjax_main.main(argv[:1])
+
+
+def _scalar_tags(logdir):
+  tags = set()
+  for name in os.listdir(logdir):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def _digits_test_split():
+  """The raw test images of the digits dataset (digits 5-9) as it stores them: uint8 8x8x1."""
+  digits = sklearn.datasets.load_digits()
+  keep = digits.target >= 5
+  images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)[..., None]
+  return images, digits.target[keep]
+
+
+def test_main_on_digits_writes_metrics_tensorboard_and_an_embedder(tmp_path):
+  workdir = str(tmp_path / "digits")
+  _run_main(f"--config={CONFIG_DIR}/digits.py:triplet_semihard,runlocal", f"--workdir={workdir}",
+            "--config.train.steps=4", "--config.eval.every=2")
+
+  metrics = json.loads((tmp_path / "digits" / train.METRICS_FILE).read_text())
+  assert set(metrics) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r",
+                          "r_precision", "nmi"}
+  assert all(0.0 <= v <= 1.0 for v in metrics.values())
+  assert metrics["recall@1"] <= metrics["recall@2"] <= metrics["recall@4"] <= metrics["recall@8"]
+
+  tags = _scalar_tags(os.path.join(workdir, "tensorboard"))
+  assert {"train/loss", "train/lr/backbone", "train/active_triplets", "train/mean_norm",
+          "train/mean_positive_distance", "train/mean_negative_distance", "eval/recall@1",
+          "eval/map@r", "eval/nmi", "perf/images_per_s"} <= tags
+
+  # The embedder reproduces the evaluation from raw uint8 images: the same retrieval metrics (up
+  # to a query whose nearest neighbours tie within float rounding of a different batching).
+  images, labels = _digits_test_split()
+  embed = rankjax.load_embedder(workdir)
+  embeddings = embed(images)
+  assert embeddings.shape == (len(images), 64) and embeddings.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+  again = evaluation.retrieval_metrics(embeddings, labels, ks=(1, 2, 4, 8))
+  for key in ("recall@1", "recall@8", "map@r", "r_precision"):
+    assert again[key] == pytest.approx(metrics[key], abs=2 / len(images)), key
+  # Batching does not change an embedding.
+  np.testing.assert_allclose(embed(images[:5]), embeddings[:5], rtol=1e-5, atol=1e-6)
+  best = rankjax.load_embedder(workdir, which="best")(images[:5])
+  assert best.shape == (5, 64)
+
+
+def test_main_on_mock_tfds_cub200(tmp_path):
+  """The CUB-200 config on fake records served through the real TFDS builder's features."""
+  from rankjax.data import testing  # pylint: disable=g-import-not-at-top
+  with testing.mock_data("cub200", num_train_classes=8, num_test_classes=6,
+                         examples_per_class=(2, 4)):
+    _run_main(f"--config={CONFIG_DIR}/cub200.py:npairs,runlocal", f"--workdir={tmp_path}",
+              "--config.train.steps=2", "--config.eval.batch_size=16")
+  metrics = json.loads((tmp_path / train.METRICS_FILE).read_text())
+  assert set(metrics) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r",
+                          "r_precision", "nmi"}
+  assert all(np.isfinite(v) for v in metrics.values())
+  config = json.loads((tmp_path / train.CONFIG_FILE).read_text())
+  assert config["dataset"] == "cub200" and config["loss"]["name"] == "npairs"
+
+
+def test_misspelled_flag_is_a_clear_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "rankjax.main",
+       f"--config={CONFIG_DIR}/digits.py:triplet_semihard,runlocal", f"--workdir={tmp_path}",
+       "--config.train.stpes=3"], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode != 0
+  assert 'Did you mean "steps" instead of "stpes"?' in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_unknown_loss_in_the_config_argument_is_a_clear_error(tmp_path):
+  with pytest.raises(Exception, match="expected one loss name"):
+    _run_main(f"--config={CONFIG_DIR}/digits.py:tripletsemihard", f"--workdir={tmp_path}")

@@ -1,0 +1,352 @@
+"""The training engine: optimizers and schedules, diagnostics, configs, checkpoints and resume."""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rankjax import checkpoint
+from rankjax import configs
+from rankjax import diagnostics
+from rankjax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
+DATASET_CONFIGS = ("digits", "omniglot", "cub200", "cars196", "sop")
+
+
+def _load_config_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _optimizer_config(**overrides):
+  cfg = configs.base_config().optimizer
+  cfg.update(overrides)
+  return cfg
+
+
+def _params():
+  return {"backbone": {"conv": {"kernel": jnp.full((3, 3), 2.0)}, "bn": {"bias": jnp.ones(3)}},
+          "head": {"projection": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones(2)}}}
+
+
+def _first_update(cfg, grads=None, total_steps=10):
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params) if grads is None else grads
+  tx, schedules = train.make_optimizer(cfg, params, total_steps)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return jax.device_get(updates), schedules
+
+
+# --- Learning-rate schedules. ---
+
+
+def test_warmup_then_cosine_schedule_matches_the_formula():
+  _, schedules = _first_update(_optimizer_config(learning_rate=0.4, warmup_steps=10,
+                                                 schedule="cosine"), total_steps=110)
+  s = schedules["backbone"]
+  for t in (0, 5, 10, 35, 60, 109, 110):
+    want = 0.4 * t / 10 if t < 10 else 0.4 * 0.5 * (1 + math.cos(math.pi * (t - 10) / 100))
+    np.testing.assert_allclose(float(s(t)), want, rtol=1e-6, atol=1e-8)
+
+
+def test_step_and_linear_schedules():
+  _, schedules = _first_update(_optimizer_config(learning_rate=1.0, schedule="step",
+                                                 decay_steps=(30, 60), decay_factor=0.1),
+                               total_steps=100)
+  got = [float(schedules["backbone"](t)) for t in (0, 29, 30, 59, 60, 99)]
+  np.testing.assert_allclose(got, [1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+  _, schedules = _first_update(_optimizer_config(learning_rate=1.0, schedule="linear",
+                                                 warmup_steps=20), total_steps=100)
+  got = [float(schedules["backbone"](t)) for t in (10, 20, 60, 100)]
+  np.testing.assert_allclose(got, [0.5, 1.0, 0.5, 0.0], rtol=1e-6, atol=1e-7)
+
+
+# --- Optimizers. ---
+
+
+def test_backbone_and_head_get_their_own_learning_rates():
+  updates, schedules = _first_update(_optimizer_config(name="sgd", momentum=0.0,
+                                                       learning_rate=0.1, head_learning_rate=1.0))
+  np.testing.assert_allclose(updates["backbone"]["conv"]["kernel"], -0.1)
+  np.testing.assert_allclose(updates["backbone"]["bn"]["bias"], -0.1)
+  np.testing.assert_allclose(updates["head"]["projection"]["kernel"], -1.0)
+  np.testing.assert_allclose(updates["head"]["projection"]["bias"], -1.0)
+  assert float(schedules["head"](0)) == pytest.approx(1.0)
+
+
+def test_weight_decay_applies_to_kernels_only():
+  # sgd: u = -lr (g + wd p) on kernels (p = 2), u = -lr g on biases.
+  updates, _ = _first_update(_optimizer_config(name="sgd", momentum=0.0, learning_rate=0.1,
+                                               weight_decay=0.5))
+  np.testing.assert_allclose(updates["backbone"]["conv"]["kernel"], -0.1 * (1 + 0.5 * 2))
+  np.testing.assert_allclose(updates["head"]["projection"]["kernel"], -0.1 * (1 + 0.5 * 2))
+  np.testing.assert_allclose(updates["head"]["projection"]["bias"], -0.1)
+  # adamw, first step: u = -lr (g / (|g| + eps) + wd p), decoupled (float32 bias correction).
+  updates, _ = _first_update(_optimizer_config(name="adamw", learning_rate=0.1, weight_decay=0.5,
+                                               eps=1e-8))
+  np.testing.assert_allclose(updates["backbone"]["conv"]["kernel"], -0.1 * (1 / (1 + 1e-8) + 1.0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(updates["backbone"]["bn"]["bias"], -0.1 / (1 + 1e-8), rtol=1e-5)
+
+
+def test_rmsprop_and_momentum_first_steps():
+  # rmsprop: nu = (1 - decay) g^2, u = -lr g / sqrt(nu + eps) (optax puts eps inside the sqrt).
+  updates, _ = _first_update(_optimizer_config(name="rmsprop", learning_rate=0.01,
+                                               rmsprop_decay=0.9, eps=1e-8, momentum=0.0))
+  np.testing.assert_allclose(updates["head"]["projection"]["bias"],
+                             -0.01 / math.sqrt(0.1 + 1e-8), rtol=1e-6)
+  # sgd with momentum 0.9 over two steps of the same gradient: -lr g, then -lr (1 + 0.9) g.
+  cfg = _optimizer_config(name="sgd", momentum=0.9, learning_rate=0.1)
+  params = _params()
+  tx, _ = train.make_optimizer(cfg, params, 10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = tx.init(params)
+  _, opt_state = tx.update(grads, opt_state, params)
+  updates, _ = tx.update(grads, opt_state, params)
+  np.testing.assert_allclose(updates["head"]["projection"]["bias"], -0.1 * 1.9, rtol=1e-6)
+
+
+def test_gradient_clipping_by_global_norm():
+  params = _params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+  norm = math.sqrt(sum(9.0 * p.size for p in jax.tree.leaves(params)))
+  updates, _ = _first_update(_optimizer_config(name="sgd", momentum=0.0, learning_rate=1.0,
+                                               grad_clip_norm=1.5), grads=grads)
+  np.testing.assert_allclose(updates["head"]["projection"]["bias"], -3.0 * 1.5 / norm, rtol=1e-6)
+
+
+def test_param_groups_by_path():
+  groups = train.param_groups(_params())
+  assert groups["head"]["projection"]["kernel"] == "head"
+  assert groups["backbone"]["conv"]["kernel"] == "backbone"
+
+
+# --- Diagnostics. ---
+
+
+def _numpy_diagnostics(x, y, margin, pos_margin, neg_margin):
+  d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+  n = len(y)
+  active = total = 0
+  for a in range(n):
+    for p in range(n):
+      if p == a or y[p] != y[a]:
+        continue
+      for m in range(n):
+        if y[m] == y[a]:
+          continue
+        total += 1
+        active += d[a, p] - d[a, m] + margin > 0
+  pos = (y[:, None] == y[None]) & ~np.eye(n, dtype=bool)
+  neg = y[:, None] != y[None]
+  active_pairs = ((pos & (d > pos_margin)) | (neg & (d < neg_margin))).sum() / (pos | neg).sum()
+  return {"active_triplets": active / total, "mean_positive_distance": d[pos].mean(),
+          "mean_negative_distance": d[neg].mean(),
+          "mean_norm": np.linalg.norm(x, axis=1).mean(), "active_pairs": active_pairs}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_diagnostics_match_a_brute_force_count(seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(24, 5)).astype(np.float32)
+  y = rng.integers(0, 5, size=24).astype(np.int32)
+  got = jax.jit(lambda x, y: diagnostics.batch_diagnostics(
+      x, y, margin=0.5, pos_margin=0.8, neg_margin=2.5))(x, y)
+  want = _numpy_diagnostics(x.astype(np.float64), y, 0.5, 0.8, 2.5)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(float(got[k]), want[k], rtol=1e-5, err_msg=k)
+
+
+def test_diagnostics_of_a_collapsed_and_of_a_degenerate_batch():
+  # Collapsed: all points equal, every triplet is active with a positive margin.
+  out = diagnostics.batch_diagnostics(jnp.ones((8, 4)), jnp.array([0, 0, 1, 1, 2, 2, 3, 3]),
+                                      margin=0.1)
+  assert float(out["active_triplets"]) == 1.0
+  assert float(out["mean_positive_distance"]) == 0.0 == float(out["mean_negative_distance"])
+  # One class only: no triplet and no negative pair; fractions are 0, never NaN.
+  out = diagnostics.batch_diagnostics(jnp.ones((4, 4)), jnp.zeros(4, jnp.int32), margin=0.1)
+  assert all(np.isfinite(float(v)) for v in out.values())
+  assert float(out["active_triplets"]) == 0.0
+
+
+# --- Rotation classes. ---
+
+
+def test_rotate_classes_turns_each_class_as_one_and_relabels_it():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(12, 5, 5, 1)).astype(np.float32)
+  labels = np.repeat(np.array([7, 2, 9, 4], np.int32), 3)
+  seen = set()
+  for step in range(6):
+    out = jax.device_get(train.rotate_classes({"image": images, "label": labels}, step,
+                                              key=jax.random.key(1)))
+    turns = out["label"] - 4 * labels
+    assert set(turns) <= {0, 1, 2, 3}
+    for i in range(12):
+      np.testing.assert_array_equal(out["image"][i], np.rot90(images[i], turns[i], axes=(0, 1)))
+    for c in range(4):  # One turn per class.
+      assert len(set(turns[3 * c:3 * c + 3])) == 1
+    seen.update(turns)
+    again = train.rotate_classes({"image": images, "label": labels}, step, key=jax.random.key(1))
+    np.testing.assert_array_equal(again["label"], out["label"])  # Deterministic in the step.
+  assert seen == {0, 1, 2, 3}
+
+
+# --- Configs. ---
+
+
+@pytest.mark.parametrize("dataset", DATASET_CONFIGS)
+def test_every_dataset_config_builds_for_every_loss(dataset):
+  module = _load_config_module(dataset)
+  assert "python -m rankjax.main" in module.__doc__
+  for loss in configs.LOSS_NAMES:
+    for arg in (loss, f"{loss},runlocal"):
+      c = module.get_config(arg)
+      configs.check_config(c)
+      assert c.loss.name == loss
+      assert c.dataset == dataset
+      assert dict(c.loss[loss]) == configs.LOSS_DEFAULTS[loss]
+      if loss in configs.PAIR_BASED_LOSSES:
+        assert c.samples_per_class == 2
+
+
+def test_pair_based_losses_keep_the_global_batch_size():
+  module = _load_config_module("omniglot")
+  a, b = module.get_config("triplet_semihard"), module.get_config("npairs")
+  assert (a.classes_per_batch, a.samples_per_class) == (32, 4)
+  assert (b.classes_per_batch, b.samples_per_class) == (64, 2)
+  assert not configs.normalize_embeddings(b) and configs.normalize_embeddings(a)
+
+
+def test_config_argument_errors():
+  with pytest.raises(ValueError, match="expected one loss name"):
+    configs.parse_arg("tripletsemihard", "npairs")
+  assert configs.parse_arg(None, "npairs") == ("npairs", set())
+  assert configs.parse_arg("angular,runlocal", "npairs") == ("angular", {"runlocal"})
+
+
+def test_misspelled_config_key_is_an_error():
+  config = configs.base_config()
+  config.train.stpes = 3
+  with pytest.raises(ValueError, match=r"Unknown config key 'train.stpes'. Did you mean 'steps'"):
+    configs.check_config(config)
+  locked = configs.base_config()
+  locked.lock()
+  with pytest.raises(AttributeError, match='Did you mean "steps"'):
+    locked.train.stpes = 3
+
+
+def _tiny_digits_config(**changes):
+  config = _load_config_module("digits").get_config("triplet_semihard,runlocal")
+  for key, value in changes.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"loss.name": "tripplet_semihard"}, "Unknown loss 'tripplet_semihard'"),
+    ({"model.name": "resnet19"}, "unknown model name 'resnet19'"),
+    ({"optimizer.name": "adagrad"}, "Unknown optimizer 'adagrad'"),
+    ({"model.name": "conv4", "image_size": 12}, "needs images of at least 16x16 pixels; got 12x12"),
+    ({"samples_per_class": 5}, "batch of 25 is not divisible by 8 devices"),
+    ({"eval.batch_size": 100}, "config.eval.batch_size of 100 is not divisible by 8 devices"),
+    ({"eval.best_metric": "recall@3"}, "best_metric='recall@3' is not one of config.eval.metrics"),
+    ({"eval.metrics": ("recall@1", "mapr")}, "Unknown metric 'mapr'"),
+])
+def test_train_and_evaluate_errors_before_training(tmp_path, changes, match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(_tiny_digits_config(**changes), str(tmp_path))
+  assert not os.path.exists(tmp_path / train.METRICS_FILE)
+
+
+def test_unknown_config_key_in_train_and_evaluate(tmp_path):
+  config = _tiny_digits_config()
+  config.eval.evry = 5
+  with pytest.raises(ValueError, match="Unknown config key 'eval.evry'. Did you mean 'every'"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+# --- Checkpoints. ---
+
+
+def test_checkpoints_round_trip_and_keep_the_best(tmp_path):
+  model = {"params": {"head": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)}},
+           "model_state": {"0": {"mean": np.ones(3, np.float32)}}}
+  opt = (np.float32(3.0), {"mu": np.full(4, 2.0, np.float32)})
+  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2, best_metric="map@r")
+  assert ckpts.restore_latest(model, opt) is None
+  for step in (2, 4, 6):
+    ckpts.save(step, jax.tree.map(lambda x: x + step, model), opt)
+  for step, value in ((2, 0.3), (4, 0.5), (6, 0.4)):
+    ckpts.save_best(step, jax.tree.map(lambda x: x + step, model), {"map@r": value})
+  ckpts.wait()
+  restored_model, restored_opt, progress = ckpts.restore_latest(model, opt)
+  ckpts.close()
+  assert progress == {"step": 6, "data_position": 6}
+  np.testing.assert_array_equal(restored_model["params"]["head"]["kernel"],
+                                model["params"]["head"]["kernel"] + 6)
+  np.testing.assert_array_equal(restored_opt[1]["mu"], opt[1]["mu"])
+  assert sorted(os.listdir(tmp_path / checkpoint.LATEST_DIR)) == ["4", "6"]
+  best, info = checkpoint.restore_model(str(tmp_path), model, which="best")
+  assert info == {"step": 4, "metrics": {"map@r": 0.5}}
+  np.testing.assert_array_equal(best["model_state"]["0"]["mean"], 5.0)
+
+
+# --- Resume after SIGKILL: the real entry point, in subprocesses. ---
+
+
+def _main_command(workdir, steps):
+  return [sys.executable, "-m", "rankjax.main",
+          f"--config={CONFIG_DIR}/digits.py:triplet_semihard,runlocal",
+          f"--workdir={workdir}", f"--config.train.steps={steps}",
+          "--config.train.checkpoint_every=3", "--config.train.log_every=3",
+          "--config.eval.every=6"]
+
+
+def test_resume_after_sigkill_gives_the_same_metrics(tmp_path):
+  # Two fake devices: the restore onto a multi-device mesh is exercised, compilation stays quick.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  steps = 12
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  # The uninterrupted run and the one to kill run side by side.
+  reference = subprocess.Popen(_main_command(full, steps), env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(_main_command(killed, steps), env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  first_checkpoint = killed / checkpoint.LATEST_DIR / "3"
+  deadline = time.time() + 300
+  while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  _, stderr = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+  assert not (killed / train.METRICS_FILE).exists()
+
+  resumed = subprocess.run(_main_command(killed, steps), env=env, cwd=REPO,
+                           capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from" in resumed.stderr
+  _, stderr = reference.communicate()
+  assert reference.returncode == 0, stderr[-3000:]
+  want = json.loads((full / train.METRICS_FILE).read_text())
+  got = json.loads((killed / train.METRICS_FILE).read_text())
+  assert got == want
+  assert {"recall@1", "recall@8", "map@r", "r_precision", "nmi"} <= set(got)
