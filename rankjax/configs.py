@@ -222,3 +222,45 @@ def _check_keys(config, reference, prefix):
 def _suggest(name, choices):
   close = difflib.get_close_matches(str(name), list(choices), n=1)
   return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
+                    eval_every: int, checkpoint_every: int) -> ml_collections.ConfigDict:
+  """The fine-grained / SOP recipe of Roth, Milbich et al. 2020, shared by cub200, cars196 and sop.
+
+  ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5 with
+  weight decay 4e-4, bfloat16 compute. ``"runlocal" in flags`` shrinks it to a few steps of a tiny
+  ResNet at 64 px (smoke tests on mock data).
+  """
+  c = base_config()
+  c.dataset = dataset
+  c.image_size = 224
+  c.classes_per_batch, c.samples_per_class = 56, 2
+  c.model.name = "resnet50"
+  c.model.pretrained = "imagenet"
+  c.model.freeze_batchnorm = True
+  c.model.embedding_dim = 128
+  c.model.dtype = "bfloat16"
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.weight_decay = 4e-4
+  c.train.steps = steps
+  c.train.log_every = 100
+  c.train.checkpoint_every = checkpoint_every
+  c.eval.every = eval_every
+  c.eval.batch_size = 256
+  with_loss(c, loss)
+  if "runlocal" in flags:
+    c.image_size = 64
+    c.classes_per_batch, c.samples_per_class = 4, 2
+    c.model.name = "resnet_tiny"
+    c.model.pretrained = None
+    c.model.freeze_batchnorm = False
+    c.model.dtype = "float32"
+    c.optimizer.learning_rate = 1e-3
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.eval.every = 0
+    c.eval.batch_size = 16
+  return c

@@ -24,35 +24,5 @@ from rankjax import configs
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard")
-  c = configs.base_config()
-  c.dataset = "cub200"
-  c.image_size = 224
-  c.classes_per_batch, c.samples_per_class = 56, 2
-  c.model.name = "resnet50"
-  c.model.pretrained = "imagenet"
-  c.model.freeze_batchnorm = True
-  c.model.embedding_dim = 128
-  c.model.dtype = "bfloat16"
-  c.optimizer.name = "adam"
-  c.optimizer.learning_rate = 1e-5
-  c.optimizer.weight_decay = 4e-4
-  c.train.steps = 7854
-  c.train.log_every = 100
-  c.train.checkpoint_every = 1000
-  c.eval.every = 1000
-  c.eval.batch_size = 256
-  configs.with_loss(c, loss)
-  if "runlocal" in flags:
-    c.image_size = 64
-    c.classes_per_batch, c.samples_per_class = 4, 2
-    c.model.name = "resnet_tiny"
-    c.model.pretrained = None
-    c.model.freeze_batchnorm = False
-    c.model.dtype = "float32"
-    c.optimizer.learning_rate = 1e-3
-    c.train.steps = 4
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.every = 0
-    c.eval.batch_size = 16
-  return c
+  return configs.roth2020_recipe("cub200", loss, flags, steps=7854, eval_every=1000,
+                                 checkpoint_every=1000)

@@ -25,38 +25,9 @@ from rankjax import configs
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard")
-  c = configs.base_config()
-  c.dataset = "sop"
-  c.image_size = 224
-  c.classes_per_batch, c.samples_per_class = 56, 2
-  c.model.name = "resnet50"
-  c.model.pretrained = "imagenet"
-  c.model.freeze_batchnorm = True
-  c.model.embedding_dim = 128
-  c.model.dtype = "bfloat16"
-  c.optimizer.name = "adam"
-  c.optimizer.learning_rate = 1e-5
-  c.optimizer.weight_decay = 4e-4
-  c.train.steps = 79756
-  c.train.log_every = 100
-  c.train.checkpoint_every = 2000
-  c.eval.every = 10000
-  c.eval.batch_size = 256
-  c.eval.metrics = ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision",
-                    "nmi")
-  configs.with_loss(c, loss)
-  if "runlocal" in flags:
-    c.image_size = 64
-    c.classes_per_batch, c.samples_per_class = 4, 2
-    c.model.name = "resnet_tiny"
-    c.model.pretrained = None
-    c.model.freeze_batchnorm = False
-    c.model.dtype = "float32"
-    c.optimizer.learning_rate = 1e-3
-    c.train.steps = 4
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.every = 0
-    c.eval.batch_size = 16
-    c.eval.metrics = configs.base_config().eval.metrics
+  c = configs.roth2020_recipe("sop", loss, flags, steps=79756, eval_every=10000,
+                              checkpoint_every=2000)
+  if "runlocal" not in flags:
+    c.eval.metrics = ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision",
+                      "nmi")
   return c
