@@ -82,6 +82,29 @@ def test_backbone_and_head_are_separate_parameter_paths():
   assert model.head.projection.kernel.shape == (8, 128)
 
 
+def test_conv4_per_block_widths():
+  model = models.get_model("conv4", num_channels=1, rngs=nnx.Rngs(0),
+                           backbone_options={"widths": (4, 4, 8, 16)})
+  assert [conv.kernel.shape for conv in model.backbone.convs] == [
+      (3, 3, 1, 4), (3, 3, 4, 4), (3, 3, 4, 8), (3, 3, 8, 16)]
+  assert model.head.projection.kernel.shape == (16, 128)
+  assert model(jnp.zeros((2, 28, 28, 1))).shape == (2, 128)
+  three = models.get_model("conv4", num_channels=1, rngs=nnx.Rngs(0),
+                           backbone_options={"widths": (4, 8, 8)})
+  assert three.backbone.output_size(28) == 3  # 28 -> 14 -> 7 -> 3: one pooling fewer.
+  with pytest.raises(ValueError, match="widths must be positive integers"):
+    models.get_model("conv4", num_channels=1, rngs=nnx.Rngs(0), backbone_options={"widths": (4, 0)})
+
+
+@pytest.mark.parametrize("name,pooled,unpooled", [("conv4", 1, 3), ("conv4_strided", 2, 4)])
+def test_conv4_without_the_last_downsampling_keeps_the_whole_map(name, pooled, unpooled):
+  x = _images((2, 28, 28, 1))
+  for pool_last, size in ((True, pooled), (False, unpooled)):
+    backbone = models.get_model(name, num_channels=1, rngs=nnx.Rngs(0), backbone_options={
+        "width": 4, "pool_last": pool_last}).backbone
+    assert backbone(x).shape == (2, size, size, 4) and backbone.output_size(28) == size
+
+
 # ---------------------------------------------------------------- pooling and the head
 
 

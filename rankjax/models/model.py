@@ -12,8 +12,10 @@ conv4_strided   4 x stride-2 conv3x3(64)-BN-ReLU (fast CPU)   64           16 px
 resnet_tiny     ResNet-18 layout, width 8, for tests          64           32 px
 =============== ============================================= ============ =========
 
-The minimum size is what the backbone's total downsampling needs for its last feature map to hold
-at least one full window (the ImageNet ResNets divide by 32).
+Features and minimum sizes are those of the defaults; ``backbone_options`` changes widths and
+depths (e.g. ``{"widths": (64, 128, 256, 512)}`` gives conv4 512 features). The minimum size is
+what the backbone's total downsampling needs for its last feature map to hold at least one full
+window (the ImageNet ResNets divide by 32).
 
 Example:
   >>> import jax.numpy as jnp

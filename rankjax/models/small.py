@@ -42,6 +42,12 @@ class Conv4(nnx.Module):
     num_channels: channels of the input images (1 for Omniglot).
     width: channels of every convolution (64 in the papers).
     num_blocks: 4 in the papers.
+    pool_last: downsample after the last block too (the papers). With 28 px max-pooling
+      inputs the last pooling keeps only the top-left 2x2 of the 3x3 map (floor division); with
+      ``False`` the map stays 3x3 and the head's global pooling sees all of it.
+    widths: channels of each block, overriding ``width`` and ``num_blocks``; e.g.
+      ``(64, 64, 128, 256)`` widens only the blocks at 7x7 and 3x3 (for 28 px inputs), where a
+      channel costs a fraction of what it costs at 28x28.
     downsample: ``"max_pool"`` (the classic encoder: 2x2 max-pooling, floor division of the size)
       or ``"strided_conv"`` (the convolution itself has stride 2; padding 1, ceil division).
     dtype: compute dtype; parameters stay float32.
@@ -50,35 +56,42 @@ class Conv4(nnx.Module):
   """
 
   def __init__(self, *, num_channels: int = 1, width: int = 64, num_blocks: int = 4,
-               downsample: str = "max_pool", dtype=jnp.float32, freeze_batchnorm: bool = False,
+               widths: Sequence[int] | None = None, downsample: str = "max_pool",
+               pool_last: bool = True, dtype=jnp.float32, freeze_batchnorm: bool = False,
                rngs: nnx.Rngs):
     if downsample not in DOWNSAMPLING:
       raise ValueError(f"downsample={downsample!r} is not one of {DOWNSAMPLING}.")
+    widths = tuple(widths) if widths is not None else (width,) * num_blocks
+    if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+      raise ValueError(f"widths must be positive integers, one per block; got {widths!r}.")
     self.downsample = downsample
+    self.pool_last = pool_last
     self.dtype = dtype
-    strides = 2 if downsample == "strided_conv" else 1
     convs, bns = [], []
     in_features = num_channels
-    for _ in range(num_blocks):
-      convs.append(layers.conv(in_features, width, 3, strides=strides, dtype=dtype, rngs=rngs))
-      bns.append(layers.BatchNorm(width, frozen=freeze_batchnorm, dtype=dtype, rngs=rngs))
-      in_features = width
+    for i, block_width in enumerate(widths):
+      downsamples = pool_last or i < len(widths) - 1
+      strides = 2 if downsample == "strided_conv" and downsamples else 1
+      convs.append(layers.conv(in_features, block_width, 3, strides=strides, dtype=dtype,
+                               rngs=rngs))
+      bns.append(layers.BatchNorm(block_width, frozen=freeze_batchnorm, dtype=dtype, rngs=rngs))
+      in_features = block_width
     self.convs = nnx.List(convs)
     self.bns = nnx.List(bns)
-    self.num_features = width
-    self.num_blocks = num_blocks
+    self.num_features = in_features
+    self.num_blocks = len(widths)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(self.dtype)
-    for conv, bn in zip(self.convs, self.bns):
+    for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
       x = nnx.relu(bn(conv(x)))
-      if self.downsample == "max_pool":
+      if self.downsample == "max_pool" and (self.pool_last or i < self.num_blocks - 1):
         x = layers.max_pool(x, 2, 2)
     return x
 
   def output_size(self, size: int) -> int:
     """Height (or width) of the last feature map for an input of ``size`` pixels."""
-    for _ in range(self.num_blocks):
+    for _ in range(self.num_blocks if self.pool_last else self.num_blocks - 1):
       size = size // 2 if self.downsample == "max_pool" else (size + 1) // 2
     return size
 
