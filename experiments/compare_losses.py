@@ -115,7 +115,7 @@ def summarise(results):
 
 
 def write_tables(results, summary, output_dir: str, *, dataset: str, config, command: str,
-                 chance: float | None, batches: dict[str, str]) -> str:
+                 chance: float | None, batches: dict[str, str], config_flags: str = "") -> str:
   """Writes results.md, results.csv (one row per loss), runs.csv (one row per run).
 
   Returns:
@@ -166,10 +166,10 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       f"{config.image_size} px images, {config.train.steps} steps of "
       f"{config.classes_per_batch} classes x {config.samples_per_class} images "
       "(the N-pair family uses K = 2; the batch of each loss is in the table), "
-      f"{config.optimizer.name} at learning rate {config.optimizer.learning_rate:g}, "
+      f"{sweep.describe_optimization(config)}, "
       "each loss at its paper's hyper-parameters (rankjax/configs.py). Test: retrieval on the "
       f"held-out classes (`{config.eval.split}` split), {config.eval.distance} similarity, each "
-      "query's own image excluded.",
+      "query's own image excluded." + ("" if config_flags else sweep.sweep_defaults_note(dataset)),
       "",
       f"Mean ± sample standard deviation (ddof = 1) over {'/'.join(map(str, n_seeds))} seeds "
       "(model initialisation and batch order); **bold** = best mean in the column."
@@ -317,7 +317,8 @@ def main(argv):
                      steps=FLAGS.steps, eval_every=FLAGS.eval_every, overrides=FLAGS.set)
     batches[loss] = f"{c.classes_per_batch} x {c.samples_per_class}"
   table = write_tables(results, summary, output_dir, dataset=FLAGS.dataset, config=config,
-                       command=command, chance=chance, batches=batches)
+                       command=command, chance=chance, batches=batches,
+                       config_flags=FLAGS.config_flags)
   write_plots(results, summary, output_dir, dataset=FLAGS.dataset, config=config,
               chance=chance)
   print(table, flush=True)

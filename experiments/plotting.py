@@ -153,8 +153,9 @@ def degenerate_heatmaps(fractions: Mapping[str, np.ndarray], *, row_values: Sequ
   labels = list(fractions)
   ncols = min(3, len(labels))
   nrows = int(np.ceil(len(labels) / ncols))
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.2, 3.0 * nrows),
-                           squeeze=False)
+  # constrained layout keeps each panel's title clear of the axis labels of the row above.
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.4, 2.9 * nrows + 0.6),
+                           squeeze=False, layout="constrained")
   cmap = plt.get_cmap("Reds").copy()
   cmap.set_bad("lightgrey")
   image = None
@@ -167,8 +168,11 @@ def degenerate_heatmaps(fractions: Mapping[str, np.ndarray], *, row_values: Sequ
               fontsize=8, color="white" if np.isfinite(v) and v > 0.6 else "black")
     ax.set_xticks(range(len(col_values)), [str(v) for v in col_values])
     ax.set_yticks(range(len(row_values)), [f"{v:g}" for v in row_values])
-    ax.set_xlabel(col_name)
-    ax.set_ylabel(row_name)
+    index = labels.index(label)
+    if index + ncols >= len(labels):  # The lowest panel of its column.
+      ax.set_xlabel(col_name)
+    if index % ncols == 0:
+      ax.set_ylabel(row_name)
     ax.set_title(label, fontsize=10)
   for ax in axes.ravel()[len(labels):]:
     ax.set_visible(False)

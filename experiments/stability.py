@@ -292,7 +292,7 @@ def degenerate_fractions(rows, losses, learning_rates, batch_sizes):
 
 
 def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_sizes, seeds,
-                  config, command, collapse_ratio, chance_factor) -> str:
+                  config, command, collapse_ratio, chance_factor, config_flags="") -> str:
   """stability.csv, stability.md and degenerate_fraction.png; returns the summary table."""
   from experiments import plotting  # pylint: disable=g-import-not-at-top
   keys = ["loss", "learning_rate", "batch_size", "P", "K", "seed", "degenerate", "reason",
@@ -341,6 +341,7 @@ def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_si
   machine = sweep.machine_info()
   options = config.model.backbone_options.to_dict()
   options = f" with {options}" if options else ""
+  optimization = sweep.describe_optimization(config, learning_rate="the grid's learning rates")
   lines = [
       f"# Stability of the ranking losses on {dataset}: learning rate x batch size",
       "",
@@ -351,9 +352,10 @@ def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_si
       "```",
       "",
       f"{machine['cpu_count']} CPU cores ({machine['processor']}), JAX {machine['jax_version']}, "
-      f"{machine['device']}. Model `{config.model.name}`{options}, {config.train.steps} steps of "
-      f"{config.optimizer.name}, seeds {', '.join(map(str, seeds))}; everything else as in "
-      f"experiments/configs/{dataset}.py.",
+      f"{machine['device']}. Model `{config.model.name}`{options}, {config.train.steps} steps, "
+      f"{optimization}, seeds {', '.join(map(str, seeds))}; everything else as in experiments/configs/{dataset}.py"
+      + (" (the study sets its own number of steps)." if config_flags
+         else "; the study sets its own number of steps." + sweep.sweep_defaults_note(dataset)),
       "",
       "A run is **degenerate** when its final model's test embeddings are non-finite, or "
       f"collapsed (mean pairwise cosine distance below {collapse_ratio:g} x that of the untrained "
@@ -454,7 +456,7 @@ def main(argv):
                         learning_rates=learning_rates, batch_sizes=batch_sizes, seeds=seeds,
                         config=config, command=sweep.command_line(),
                         collapse_ratio=FLAGS.collapse_ratio,
-                        chance_factor=FLAGS.chance_factor)
+                        chance_factor=FLAGS.chance_factor, config_flags=FLAGS.config_flags)
   print(table, flush=True)
   print(f"Wrote stability.md, stability.csv, degenerate_fraction.png in {output_dir}", flush=True)
 

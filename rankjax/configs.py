@@ -32,9 +32,12 @@ multi-similarity normalise inside the loss, so the head's normalisation is irrel
 from __future__ import annotations
 
 import difflib
+from typing import Sequence
 
 import ml_collections
 from ml_collections import config_dict
+
+from rankjax import augment as device_augment
 
 # The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
 LOSS_DEFAULTS: dict[str, dict] = {
@@ -82,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   # al. 2016): each class of a training batch is turned by a random multiple of 90 degrees and
   # counted as a new class, so there are 4x as many training classes.
   c.rotate_classes = False
+  # A random rotation (up to +-rotation_degrees), scale (1 +- scale) and shift (up to +-shift of
+  # the image size) of each training image, on the device (rankjax.augment); all 0
+  # turns it off.
+  c.affine = ml_collections.ConfigDict({"rotation_degrees": 0.0, "scale": 0.0, "shift": 0.0})
 
   # Encoder (rankjax.models).
   c.model = ml_collections.ConfigDict()
@@ -151,17 +158,23 @@ def with_loss(config: ml_collections.ConfigDict, loss: str) -> ml_collections.Co
   return config
 
 
-def parse_arg(arg: str | None, default_loss: str) -> tuple[str, set[str]]:
+def parse_arg(arg: str | None, default_loss: str,
+              allowed_flags: Sequence[str] = ("runlocal",)) -> tuple[str, set[str]]:
   """Splits a config argument like ``"npairs,runlocal"`` into the loss and a set of flags."""
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
   flags = {p for p in parts if p not in LOSS_DEFAULTS}
   losses = [p for p in parts if p in LOSS_DEFAULTS]
-  unknown = flags - {"runlocal"}
+  unknown = flags - set(allowed_flags)
   if unknown or len(losses) > 1:
     raise ValueError(
         f"config argument {arg!r}: expected one loss name out of {', '.join(LOSS_NAMES)}, "
-        f"optionally followed by ',runlocal'; could not read {sorted(unknown) or losses}.")
+        f"optionally followed by any of {', '.join(',' + f for f in allowed_flags)}; could not "
+        f"read {sorted(unknown) or losses}.")
   return (losses[0] if losses else default_loss), flags
+
+
+# The flags of the cub200, cars196 and sop configs: a published recipe, and/or a smoke-test size.
+FINE_GRAINED_FLAGS = ("wang2017", "hermans2017", "runlocal")
 
 
 def check_loss_name(name: str) -> None:
@@ -203,6 +216,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       value = value[part]
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
+  try:
+    device_augment.check_affine(**config.affine)
+  except ValueError as e:
+    raise ValueError(f"config.affine: {e}") from None
 
 
 def _check_keys(config, reference, prefix):
@@ -229,8 +246,21 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
   """The fine-grained / SOP recipe of Roth, Milbich et al. 2020, shared by cub200, cars196 and sop.
 
   ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5 with
-  weight decay 4e-4, bfloat16 compute. ``"runlocal" in flags`` shrinks it to a few steps of a tiny
-  ResNet at 64 px (smoke tests on mock data).
+  weight decay 4e-4, bfloat16 compute. Two other published recipes replace the batch, optimizer
+  and loss settings (the backbone stays Roth et al.'s):
+
+  * ``"wang2017"``: the N-pairs / angular recipe of Wang et al. 2017, "Deep Metric Learning with
+    Angular Loss" (ICCV): batches of 64 classes x 2 images, a 512-d embedding, alpha = 45 degrees
+    and lambda = 2 for N-pairs + angular (the defaults of ``npairs_angular``), SGD with momentum
+    0.9 at 1e-4 (their solver; the learning rate is common re-implementations', not checked here
+    against the paper);
+  * ``"hermans2017"``: the batch-hard recipe of Hermans et al. 2017, "In Defense of the Triplet
+    Loss for Person Re-Identification": P = 18 classes x K = 4 images, Adam 3e-4 decayed by 10x
+    for the last 10,000 of 25,000 steps (they decay exponentially), and the soft margin for
+    ``triplet_hard``.
+
+  ``"runlocal" in flags`` shrinks any of them to a few steps of a tiny ResNet at 64 px (smoke tests
+  on mock data).
   """
   c = base_config()
   c.dataset = dataset
@@ -250,6 +280,23 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
   c.eval.every = eval_every
   c.eval.batch_size = 256
   with_loss(c, loss)
+  if {"wang2017", "hermans2017"} <= set(flags):
+    raise ValueError("Choose one recipe: 'wang2017' or 'hermans2017', not both.")
+  if "wang2017" in flags:
+    c.classes_per_batch, c.samples_per_class = 64, 2
+    c.model.embedding_dim = 512
+    c.optimizer.name = "sgd"
+    c.optimizer.momentum = 0.9
+    c.optimizer.learning_rate = 1e-4
+  if "hermans2017" in flags:
+    c.classes_per_batch, c.samples_per_class = 18, 4
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.schedule = "step"
+    c.optimizer.decay_steps = (15000,)
+    c.train.steps = 25000
+    c.loss.triplet_hard.soft = True
   if "runlocal" in flags:
     c.image_size = 64
     c.classes_per_batch, c.samples_per_class = 4, 2

@@ -40,6 +40,8 @@ from rankjax import checkpoint
 from rankjax import configs
 from rankjax import diagnostics
 from rankjax import parallel
+from rankjax import augment as device_augment
+from rankjax.augment import rotate_classes  # pylint: disable=unused-import
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
@@ -104,8 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Optimizer, shardings and the update step. ---
   tx, schedules = make_optimizer(config.optimizer, params, total_steps)
   state = init_state(params, model_state, tx)
-  batch_transform = (functools.partial(rotate_classes, key=jax.random.key(config.seed))
-                     if config.rotate_classes else None)
+  batch_transform = make_batch_transform(config)
   train_step, state_sharding = parallel.jit_data_parallel(
       make_train_step(train_graphdef, loss_fn, tx, schedules, diagnostics_kwargs(config),
                       batch_transform=batch_transform),
@@ -314,7 +315,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   :mod:`rankjax.parallel` (train_and_evaluate does). ``metrics`` holds the loss, the gradient norm,
   the learning rates and :func:`rankjax.diagnostics.batch_diagnostics` of the batch.
   ``batch_transform(batch, step)``, if given, augments the batch on the device first (e.g.
-  :func:`rotate_classes`).
+  :func:`make_batch_transform`).
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -340,42 +341,32 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   return step
 
 
-def rotate_classes(batch: dict[str, jax.Array], step: jax.Array, *, key: jax.Array
-                   ) -> dict[str, jax.Array]:
-  r"""Turns each class of a batch by its own random multiple of 90 degrees, as a new class.
+def make_batch_transform(config: ml_collections.ConfigDict
+                         ) -> Callable[[dict, jax.Array], dict] | None:
+  """The on-device augmentations the config asks for, as ``transform(batch, step)`` (or None).
 
-  The class augmentation of Omniglot training (Santoro et al. 2016, "One-shot Learning with
-  Memory-Augmented Neural Networks"; Vinyals et al. 2016, "Matching Networks"): a character
-  rotated by :math:`90 r` degrees is a new character. With :math:`r \in \{0, 1, 2, 3\}` drawn
-  per (label, step) from ``key``, every image of a class in the batch turns the same way and
-  gets the label :math:`4 y + r`. Deterministic in ``step`` (a resumed run sees the same batches).
-
-  Args:
-    batch: ``{"image": f32[B, S, S, C] (square), "label": int[B], ...}``.
-    step: the training step (a traced scalar is fine).
-    key: the base PRNG key.
-
-  Returns:
-    The batch with rotated images and the new labels.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> b = {"image": jnp.arange(8.).reshape(2, 2, 2, 1), "label": jnp.array([3, 3])}
-    >>> out = rotate_classes(b, 0, key=jax.random.key(0))
-    >>> bool(out["label"][0] == out["label"][1]) and 12 <= int(out["label"][0]) <= 15
-    True
+  ``config.affine`` (a random rotation, scale and shift per image,
+  :func:`rankjax.augment.random_affine`) comes first, then ``config.rotate_classes``
+  (:func:`rankjax.augment.rotate_classes`); each draws from its own key derived
+  from ``config.seed``.
   """
-  images, labels = batch["image"], batch["label"]
-  if images.shape[1] != images.shape[2]:
-    raise ValueError(f"rotate_classes needs square images; got shape {images.shape}.")
-  step_key = jax.random.fold_in(key, step)
-  turns = jax.vmap(lambda y: jax.random.randint(jax.random.fold_in(step_key, y), (), 0, 4))(
-      labels)
-  rotated = images
-  for k in (1, 2, 3):  # Elementwise selects keep the batch sharding intact.
-    rotated = jnp.where((turns == k)[:, None, None, None], jnp.rot90(images, k, axes=(1, 2)),
-                        rotated)
-  return {**batch, "image": rotated, "label": labels * 4 + turns.astype(labels.dtype)}
+  affine = dict(config.affine)
+  transforms = []
+  if not device_augment.is_identity(**affine):
+    transforms.append(functools.partial(device_augment.random_affine,
+                                        key=jax.random.key(config.seed + 1), **affine))
+  if config.rotate_classes:
+    transforms.append(functools.partial(device_augment.rotate_classes,
+                                        key=jax.random.key(config.seed)))
+  if not transforms:
+    return None
+
+  def transform(batch, step):
+    for fn in transforms:
+      batch = fn(batch, step)
+    return batch
+
+  return transform
 
 
 def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None

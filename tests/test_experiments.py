@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from experiments import compare_losses  # noqa: E402
+from experiments import omniglot_encoders  # noqa: E402
 from experiments import stability  # noqa: E402
 from experiments import sweep  # noqa: E402
 
@@ -258,3 +259,28 @@ def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
 
   with pytest.raises(ValueError, match="positive integer"):
     stability.run_grid(**{**grid, "output_dir": str(tmp_path / "b"), "train_fn": other_error})
+
+
+def test_omniglot_encoder_candidates_build_valid_models():
+  from rankjax import configs, models  # pylint: disable=g-import-not-at-top
+  for name in omniglot_encoders.CANDIDATES:
+    config = omniglot_encoders.candidate_config(name, steps=7, data_dir="/x")
+    configs.check_config(config)
+    assert (config.train.steps, config.eval.every, config.data_dir) == (7, 0, "/x")
+    model = models.get_model(config.model.name, num_channels=1, rngs=0,
+                             backbone_options=config.model.backbone_options.to_dict())
+    models.check_image_size(config.model.name, config.image_size)
+    assert model.backbone.num_features in (64, 128, 256, 512)
+
+
+def test_sweep_reuses_a_run_made_before_a_config_field_was_added(tmp_path):
+  from rankjax import configs  # pylint: disable=g-import-not-at-top
+  config = compare_losses.build_config("digits", "npairs", 0)
+  stored = sweep.config_as_dict(config)
+  del stored["affine"]  # As written by a version without the field.
+  (tmp_path / sweep.CONFIG_FILE).write_text(json.dumps(stored))
+  sweep.check_same_config(config, str(tmp_path))  # The new field at its default: same run.
+  config.affine.shift = 0.1
+  with pytest.raises(ValueError, match=r"affine: \(absent\) in the run"):
+    sweep.check_same_config(config, str(tmp_path))
+  assert configs.base_config().affine.shift == 0.0

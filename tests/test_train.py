@@ -232,6 +232,39 @@ def test_pair_based_losses_keep_the_global_batch_size():
   assert not configs.normalize_embeddings(b) and configs.normalize_embeddings(a)
 
 
+@pytest.mark.parametrize("dataset", ["cub200", "cars196", "sop"])
+def test_published_recipe_flags_of_the_fine_grained_configs(dataset):
+  module = _load_config_module(dataset)
+  roth = module.get_config("npairs_angular")
+  assert (roth.classes_per_batch, roth.samples_per_class, roth.model.embedding_dim) == (56, 2, 128)
+  wang = module.get_config("npairs_angular,wang2017")
+  configs.check_config(wang)
+  assert (wang.classes_per_batch, wang.samples_per_class) == (64, 2)
+  assert wang.model.embedding_dim == 512 and wang.optimizer.name == "sgd"
+  assert wang.loss.npairs_angular.alpha_degrees == 45.0
+  assert wang.loss.npairs_angular.angular_weight == 2.0
+  hermans = module.get_config("triplet_hard,hermans2017")
+  configs.check_config(hermans)
+  assert (hermans.classes_per_batch, hermans.samples_per_class) == (18, 4)
+  assert hermans.loss.triplet_hard.soft and hermans.optimizer.learning_rate == 3e-4
+  assert module.get_config("triplet_hard,hermans2017,runlocal").train.steps < 10
+  with pytest.raises(ValueError, match="Choose one recipe"):
+    module.get_config("npairs,wang2017,hermans2017")
+  with pytest.raises(ValueError, match="could not read"):
+    module.get_config("npairs,wide")  # An Omniglot flag.
+
+
+def test_omniglot_wide_flag_widens_the_late_blocks():
+  module = _load_config_module("omniglot")
+  wide = module.get_config("triplet_semihard,wide")
+  configs.check_config(wide)
+  assert wide.model.name == "conv4"
+  assert tuple(wide.model.backbone_options.widths) == (64, 128, 256, 512)
+  assert not wide.model.backbone_options.pool_last and wide.model.embedding_dim == 512
+  assert wide.affine.rotation_degrees > 0 and wide.affine.shift > 0
+  assert "widths" not in module.get_config("triplet_semihard").model.backbone_options
+
+
 def test_config_argument_errors():
   with pytest.raises(ValueError, match="expected one loss name"):
     configs.parse_arg("tripletsemihard", "npairs")

@@ -16,6 +16,13 @@ are its paper's (rankjax/configs.py). bfloat16 compute on the accelerator.
 
 Their R@1 (ResNet-50, 128-d), not reproduced here: triplet semi-hard 61.4, N-pair 59.0, margin 63.4.
 
+The N-pairs / angular recipe of Wang et al. 2017 (64 classes x 2, 512-d, alpha 45, lambda 2) and the
+batch-hard recipe of Hermans et al. 2017 (P = 18, K = 4, soft margin) are flags (details in
+``rankjax.configs.roth2020_recipe``)::
+
+  python -m rankjax.main --config=experiments/configs/cub200.py:npairs_angular,wang2017 ...
+  python -m rankjax.main --config=experiments/configs/cub200.py:triplet_hard,hermans2017 ...
+
 ``:<loss>,runlocal`` is a few steps of a tiny ResNet at 64 px (smoke tests on mock data).
 """
 
@@ -23,6 +30,7 @@ from rankjax import configs
 
 
 def get_config(arg: str | None = None):
-  loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard")
+  loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard",
+                                  allowed_flags=configs.FINE_GRAINED_FLAGS)
   return configs.roth2020_recipe("cub200", loss, flags, steps=7854, eval_every=1000,
                                  checkpoint_every=1000)
