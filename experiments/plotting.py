@@ -159,7 +159,7 @@ def degenerate_heatmaps(fractions: Mapping[str, np.ndarray], *, row_values: Sequ
   cmap = plt.get_cmap("Reds").copy()
   cmap.set_bad("lightgrey")
   image = None
-  for ax, label in zip(axes.ravel(), labels):
+  for index, (ax, label) in enumerate(zip(axes.ravel(), labels)):
     values = np.asarray(fractions[label], dtype=np.float64)
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0,
                       aspect="auto")
@@ -168,7 +168,6 @@ def degenerate_heatmaps(fractions: Mapping[str, np.ndarray], *, row_values: Sequ
               fontsize=8, color="white" if np.isfinite(v) and v > 0.6 else "black")
     ax.set_xticks(range(len(col_values)), [str(v) for v in col_values])
     ax.set_yticks(range(len(row_values)), [f"{v:g}" for v in row_values])
-    index = labels.index(label)
     if index + ncols >= len(labels):  # The lowest panel of its column.
       ax.set_xlabel(col_name)
     if index % ncols == 0:

@@ -353,7 +353,8 @@ def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_si
       "",
       f"{machine['cpu_count']} CPU cores ({machine['processor']}), JAX {machine['jax_version']}, "
       f"{machine['device']}. Model `{config.model.name}`{options}, {config.train.steps} steps, "
-      f"{optimization}, seeds {', '.join(map(str, seeds))}; everything else as in experiments/configs/{dataset}.py"
+      f"{optimization}, seeds {', '.join(map(str, seeds))}; everything else as in "
+      f"experiments/configs/{dataset}.py"
       + (" (the study sets its own number of steps)." if config_flags
          else "; the study sets its own number of steps." + sweep.sweep_defaults_note(dataset)),
       "",

@@ -46,7 +46,7 @@ _OPEN_SECTIONS = ("model.backbone_options",)
 # a narrower small ResNet (16-64 channels instead of 32-256) and 150 steps. 8 x 8 digits are a
 # smoke-scale benchmark. The Omniglot sweep (27 runs on 2 CPU cores) trains the plain
 # reference recipe: the config's conv4 for 1,500 steps at a constant learning rate, without the
-# rotated classes (about 5 minutes a run instead of the full recipe's 10).
+# rotated classes (3-6 minutes a run instead of the full recipe's 10).
 SWEEP_DEFAULTS = {
     "digits": {"train.steps": 150, "model.backbone_options.widths": (16, 32, 32, 64)},
     "omniglot": {"train.steps": 1500, "rotate_classes": False, "optimizer.schedule": "constant"},
