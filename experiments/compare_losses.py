@@ -262,22 +262,13 @@ def define_flags():
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each loss is trained once per seed.")
   flags.DEFINE_string("output_dir", None, "Where runs/ and the results go (default "
                       "experiments/results/<dataset>).")
-  flags.DEFINE_string("data_dir", None, "The TFDS data directory (config.data_dir).")
   flags.DEFINE_integer("steps", None, "Training steps per run (default: sweep.SWEEP_DEFAULTS for "
                        "the dataset, else the config's).")
   flags.DEFINE_integer("eval_every", None, "Evaluate on the test classes every this many steps, "
                        "for the Recall@1 curve (default: 5 points per run; 0 = only at the end).")
-  flags.DEFINE_string("config_flags", "",
-                      "Extra config argument flags, e.g. 'runlocal' (tiny runs).")
-  flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE for every run, e.g. "
-                            "--set=optimizer.learning_rate=0.0003.")
-  flags.DEFINE_bool("keep_checkpoints", False, "Keep each finished run's checkpoints (needed for "
-                    "rankjax.load_embedder on it); by default only metrics, config and "
-                    "TensorBoard scalars stay.")
-  flags.DEFINE_string(
-      "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "rankjax", "xla"),
-      "Persistent XLA compilation cache (the seeds of a loss then compile once); '' disables it.")
-  flags.DEFINE_bool("train_logs", False, "Show each run's own progress lines (absl INFO logs).")
+  sweep.define_common_flags(
+      "Keep each finished run's checkpoints (needed for rankjax.load_embedder on it); by default "
+      "only metrics, config and TensorBoard scalars stay.")
 
 
 def main(argv):

@@ -404,20 +404,14 @@ def define_flags():
                        "dataset, else the config's).")
   flags.DEFINE_string("output_dir", None,
                       "Default: experiments/results/<dataset>/stability.")
-  flags.DEFINE_string("data_dir", None, "The TFDS data directory (config.data_dir).")
-  flags.DEFINE_string("config_flags", "", "Extra config argument flags, e.g. 'runlocal'.")
-  flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE for every run.")
   flags.DEFINE_float("collapse_ratio", 0.1, "A run has collapsed when the mean pairwise cosine "
                      "distance of its test embeddings is below this fraction of the untrained "
                      "network's.")
   flags.DEFINE_float("chance_factor", 2.0,
                      "Recall@1 below this multiple of the chance level counts as degenerate.")
-  flags.DEFINE_string(
-      "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "rankjax", "xla"),
-      "Persistent XLA compilation cache; '' disables it.")
-  flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's checkpoints after measuring it "
-                    "(by default only metrics, config, scalars and measurements stay).")
-  flags.DEFINE_bool("train_logs", False, "Show each run's own progress lines.")
+  sweep.define_common_flags(
+      "Keep each run's checkpoints after measuring it (by default only metrics, config, scalars "
+      "and measurements stay).")
 
 
 def main(argv):

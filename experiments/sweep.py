@@ -72,6 +72,21 @@ LOSS_LABELS = {
 }
 
 
+def define_common_flags(keep_checkpoints_help: str) -> None:
+  """The absl flags that compare_losses.py and stability.py share (call from their define_flags)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("data_dir", None, "The TFDS data directory (config.data_dir).")
+  flags.DEFINE_string("config_flags", "",
+                      "Extra config argument flags, e.g. 'runlocal' (tiny runs).")
+  flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE for every run, e.g. "
+                            "--set=optimizer.learning_rate=0.0003.")
+  flags.DEFINE_bool("keep_checkpoints", False, keep_checkpoints_help)
+  flags.DEFINE_string(
+      "compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "rankjax", "xla"),
+      "Persistent XLA compilation cache (the seeds of a loss then compile once); '' disables it.")
+  flags.DEFINE_bool("train_logs", False, "Show each run's own progress lines (absl INFO logs).")
+
+
 def describe_optimization(config, learning_rate: str | None = None) -> str:
   """E.g. ``"adam at learning rate 0.001 (constant schedule)"``; ``learning_rate`` replaces
   the number (e.g. "the grid's learning rates")."""

@@ -41,7 +41,6 @@ from rankjax import configs
 from rankjax import diagnostics
 from rankjax import parallel
 from rankjax import augment as device_augment
-from rankjax.augment import rotate_classes  # pylint: disable=unused-import
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"

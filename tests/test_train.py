@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rankjax import checkpoint
+from rankjax import augment
 from rankjax import configs
 from rankjax import diagnostics
 from rankjax import train
@@ -192,7 +193,7 @@ def test_rotate_classes_turns_each_class_as_one_and_relabels_it():
   labels = np.repeat(np.array([7, 2, 9, 4], np.int32), 3)
   seen = set()
   for step in range(6):
-    out = jax.device_get(train.rotate_classes({"image": images, "label": labels}, step,
+    out = jax.device_get(augment.rotate_classes({"image": images, "label": labels}, step,
                                               key=jax.random.key(1)))
     turns = out["label"] - 4 * labels
     assert set(turns) <= {0, 1, 2, 3}
@@ -201,7 +202,7 @@ def test_rotate_classes_turns_each_class_as_one_and_relabels_it():
     for c in range(4):  # One turn per class.
       assert len(set(turns[3 * c:3 * c + 3])) == 1
     seen.update(turns)
-    again = train.rotate_classes({"image": images, "label": labels}, step, key=jax.random.key(1))
+    again = augment.rotate_classes({"image": images, "label": labels}, step, key=jax.random.key(1))
     np.testing.assert_array_equal(again["label"], out["label"])  # Deterministic in the step.
   assert seen == {0, 1, 2, 3}
 
