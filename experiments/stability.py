@@ -394,7 +394,7 @@ def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_si
 def define_flags():
   """The command-line flags (defined only when run as a script: the module stays importable)."""
   flags.DEFINE_string("dataset", "digits", "A config in experiments/configs/.")
-  flags.DEFINE_list("losses", list(ALL_LOSSES), "Losses to study (comma-separated).")
+  flags.DEFINE_list("losses", list(sweep.SURVEY_LOSSES), "Losses to study (comma-separated).")
   flags.DEFINE_list("learning_rates", ["1e-4", "1e-3", "1e-2", "1e-1"],
                     "Peak learning rates of the grid.")
   flags.DEFINE_list("batch_sizes", None, "Global batch sizes of the grid (default: "

@@ -69,7 +69,12 @@ LOSS_LABELS = {
     "npairs_angular": "N-pairs + angular",
     "lifted_structure": "lifted structure",
     "multi_similarity": "multi-similarity",
+    "proxy_anchor": "Proxy-Anchor",
+    "normalized_softmax": "normalised softmax",
 }
+# The survey's nine ranking losses (every loss but the proxy ones): what the sweeps run unless
+# --losses names others.
+SURVEY_LOSSES = tuple(LOSS_LABELS)[:9]
 
 
 def define_common_flags(keep_checkpoints_help: str) -> None:

@@ -21,7 +21,13 @@ angular            alpha=45 deg, K=2                                   Wang et a
 npairs_angular     alpha=45 deg, angular_weight=2, l2_reg=0.002, K=2   Wang et al. 2017
 lifted_structure   margin=1.0, unnormalised embeddings                 Song et al. 2016
 multi_similarity   alpha=2, beta=50, base=0.5, epsilon=0.1             Wang et al. 2019
+proxy_anchor       alpha=32, delta=0.1                                 Kim et al. 2020
+normalized_softmax temperature=0.05                                    Zhai & Wu 2019
 =================  ==================================================  ============================
+
+Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
+(``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
+``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe).
 
 ``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
 N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
@@ -50,6 +56,8 @@ LOSS_DEFAULTS: dict[str, dict] = {
     "npairs_angular": dict(alpha_degrees=45.0, angular_weight=2.0, l2_reg=0.002),
     "lifted_structure": dict(margin=1.0),
     "multi_similarity": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
+    "proxy_anchor": dict(alpha=32.0, delta=0.1),
+    "normalized_softmax": dict(temperature=0.05),
 }
 LOSS_NAMES = tuple(LOSS_DEFAULTS)
 
@@ -57,11 +65,17 @@ LOSS_NAMES = tuple(LOSS_DEFAULTS)
 NORMALIZED_BY_LOSS = {
     "contrastive": True, "triplet_semihard": True, "triplet_hard": True, "triplet_all": True,
     "npairs": False, "angular": True, "npairs_angular": False, "lifted_structure": False,
-    "multi_similarity": True,
+    "multi_similarity": True, "proxy_anchor": True,
+    "normalized_softmax": True,
 }
 
 # Losses built on one (anchor, positive) pair per class: their batches are K = 2 per class.
 PAIR_BASED_LOSSES = ("npairs", "angular", "npairs_angular")
+
+# Losses with a learned proxy per training class (rankjax.losses.PROXY_LOSSES).
+PROXY_LOSSES = ("proxy_anchor", "normalized_softmax")
+# Proxy-Anchor's recipe: proxies learn 100x faster than the network (Kim et al. 2020, sec. 4.1).
+PROXY_LEARNING_RATE_MULTIPLIER = 100.0
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "cosine", "linear", "step")
@@ -113,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3  # Peak learning rate of the backbone.
   c.optimizer.head_learning_rate = config_dict.placeholder(float)  # None = learning_rate.
+  # Proxy-based losses only: None = PROXY_LEARNING_RATE_MULTIPLIER x learning_rate.
+  c.optimizer.proxy_learning_rate = config_dict.placeholder(float)
   c.optimizer.momentum = 0.9  # sgd, rmsprop.
   c.optimizer.nesterov = False  # sgd.
   c.optimizer.b1 = 0.9  # adam, adamw.
@@ -187,6 +203,24 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
   """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``."""
   check_loss_name(config.loss.name)
   return dict(config.loss[config.loss.name].to_dict())
+
+
+def num_proxies(config: ml_collections.ConfigDict, train_classes: int) -> int:
+  """Proxies the model needs: one per training label (x4 with ``rotate_classes``), or 0.
+
+  ``train_classes``: the dataset's training classes, labelled ``0 .. train_classes - 1``
+  (rankjax.data's convention for every dataset).
+  """
+  if config.loss.name not in PROXY_LOSSES:
+    return 0
+  return train_classes * (4 if config.rotate_classes else 1)
+
+
+def proxy_learning_rate(optimizer: ml_collections.ConfigDict) -> float:
+  """``config.optimizer.proxy_learning_rate``, or the multiplier x ``learning_rate`` when unset."""
+  if optimizer.proxy_learning_rate is not None:
+    return float(optimizer.proxy_learning_rate)
+  return PROXY_LEARNING_RATE_MULTIPLIER * optimizer.learning_rate
 
 
 def normalize_embeddings(config: ml_collections.ConfigDict) -> bool:

@@ -44,6 +44,7 @@ from rankjax import augment as device_augment
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+PROXIES = "proxies"  # The model attribute (and top-level parameter) of a proxy loss's proxies.
 
 # A training state: plain nested dicts of arrays, so checkpoints do not depend on NNX internals.
 #   {"step": i32[], "params": {...}, "model_state": {...}, "opt_state": optax state}
@@ -184,8 +185,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
-  """The encoder + head of ``config.model`` for a dataset with ``info.num_channels`` channels."""
+  """The encoder + head of ``config.model`` for a dataset with ``info.num_channels`` channels.
+
+  A proxy-based loss also gives the model one proxy per training class (``info.train_classes``,
+  x4 with ``config.rotate_classes``); other losses need only ``info.num_channels``.
+  """
   from rankjax import models  # pylint: disable=g-import-not-at-top
+  num_proxies = 0
+  if config.loss.name in configs.PROXY_LOSSES:
+    num_proxies = configs.num_proxies(config, info.train_classes)
   return models.get_model(
       config.model.name, embedding_dim=config.model.embedding_dim,
       num_channels=info.num_channels, pooling=config.model.pooling,
@@ -193,6 +201,7 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
       freeze_batchnorm=config.model.freeze_batchnorm, dtype=jnp.dtype(config.model.dtype),
       pretrained=config.model.pretrained,
       backbone_options=config.model.backbone_options.to_dict() or None,
+      num_proxies=num_proxies,
       rngs=nnx.Rngs(config.seed))
 
 
@@ -226,13 +235,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
                    ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
   """The optax optimizer of ``config.optimizer`` and its learning-rate schedules by group.
 
-  Parameters under the model's ``head`` get ``head_learning_rate`` (when set) and the backbone
-  ``learning_rate``, each with the same warm-up and schedule (``optax.multi_transform`` by path).
-  Weight decay applies to kernels only (rank >= 2), not to biases or BatchNorm scales. The global
-  gradient norm is clipped first when ``grad_clip_norm > 0``.
+  Parameters under the model's ``head`` get ``head_learning_rate`` (when set), the class proxies
+  of a proxy-based loss (``proxies``) get :func:`rankjax.configs.proxy_learning_rate`, and the
+  backbone ``learning_rate``, each with the same warm-up and schedule (``optax.multi_transform``
+  by path). Weight decay applies to kernels and proxies only (rank >= 2), not to biases or
+  BatchNorm scales. The global gradient norm is clipped first when ``grad_clip_norm > 0``.
 
   Returns:
-    ``(tx, {"backbone": schedule, "head": schedule})``.
+    ``(tx, {"backbone": schedule, "head": schedule[, "proxies": schedule]})``.
   """
   decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
 
@@ -274,23 +284,28 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
     return base
 
   schedules = {"backbone": schedule(cfg.learning_rate)}
-  if cfg.head_learning_rate is None:
-    schedules["head"] = schedules["backbone"]
+  schedules["head"] = (schedules["backbone"] if cfg.head_learning_rate is None
+                       else schedule(cfg.head_learning_rate))
+  if PROXIES in params:
+    schedules["proxies"] = schedule(configs.proxy_learning_rate(cfg))
+  if PROXIES not in params and cfg.head_learning_rate is None:
     tx = optimizer(schedules["backbone"])
   else:
-    schedules["head"] = schedule(cfg.head_learning_rate)
-    tx = optax.multi_transform(
-        {"backbone": optimizer(schedules["backbone"]), "head": optimizer(schedules["head"])},
-        param_groups(params))
+    tx = optax.multi_transform({group: optimizer(lr) for group, lr in schedules.items()},
+                               param_groups(params))
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx, schedules
 
 
 def param_groups(params: Any) -> Any:
-  """``"head"`` for every parameter under the model's ``head`` submodule, else ``"backbone"``."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "head" if getattr(path[0], "key", None) == "head" else "backbone", params)
+  """``"head"`` under the model's ``head``, ``"proxies"`` for its proxies, else ``"backbone"``."""
+
+  def group(path, _):
+    top = getattr(path[0], "key", None)
+    return top if top in ("head", PROXIES) else "backbone"
+
+  return jax.tree_util.tree_map_with_path(group, params)
 
 
 def diagnostics_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -324,7 +339,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
       model = nnx.merge(graphdef, params, state["model_state"])
       embeddings = model(batch["image"]).astype(jnp.float32)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-      return loss_fn(embeddings, batch["label"]), (embeddings, new_model_state)
+      proxies = {"proxies": model.proxies[...]} if PROXIES in params else {}
+      return loss_fn(embeddings, batch["label"], **proxies), (embeddings, new_model_state)
 
     (loss, (embeddings, model_state)), grads = jax.value_and_grad(
         compute_loss, has_aux=True)(state["params"])

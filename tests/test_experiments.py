@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from experiments import compare_losses  # noqa: E402
-from experiments import omniglot_encoders  # noqa: E402
+from experiments import omniglot_probes  # noqa: E402
 from experiments import stability  # noqa: E402
 from experiments import sweep  # noqa: E402
 
@@ -261,16 +263,37 @@ def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
     stability.run_grid(**{**grid, "output_dir": str(tmp_path / "b"), "train_fn": other_error})
 
 
-def test_omniglot_encoder_candidates_build_valid_models():
-  from rankjax import configs, models  # pylint: disable=g-import-not-at-top
-  for name in omniglot_encoders.CANDIDATES:
-    config = omniglot_encoders.candidate_config(name, steps=7, data_dir="/x")
+def test_every_loss_has_a_label_and_the_sweeps_default_to_the_survey_losses():
+  from rankjax import configs  # pylint: disable=g-import-not-at-top
+  assert set(sweep.LOSS_LABELS) == set(configs.LOSS_NAMES)
+  assert set(sweep.SURVEY_LOSSES) == set(configs.LOSS_NAMES) - set(configs.PROXY_LOSSES)
+  assert len(sweep.SURVEY_LOSSES) == 9
+
+
+@pytest.mark.parametrize("study", list(omniglot_probes.STUDIES))
+def test_omniglot_probe_candidates_build_valid_models(study):
+  from rankjax import configs, models, train  # pylint: disable=g-import-not-at-top
+  info = types.SimpleNamespace(num_channels=1, train_classes=964)
+  _, common, candidates = omniglot_probes.STUDIES[study]
+  for name, own in candidates.items():
+    overrides = {**common, **own}
+    config = omniglot_probes.candidate_config(study, name, steps=7, data_dir="/x")
     configs.check_config(config)
     assert (config.train.steps, config.eval.every, config.data_dir) == (7, 0, "/x")
-    model = models.get_model(config.model.name, num_channels=1, rngs=0,
-                             backbone_options=config.model.backbone_options.to_dict())
+    for key, value in overrides.items():
+      node = config
+      for part in key.split("."):
+        node = node[part]
+      assert node == value, key
+    model = train.build_model(config, info)
     models.check_image_size(config.model.name, config.image_size)
     assert model.backbone.num_features in (64, 128, 256, 512)
+    proxies = configs.num_proxies(config, 964)
+    assert proxies == (0 if config.loss.name not in configs.PROXY_LOSSES
+                       else 964 * (4 if config.rotate_classes else 1))
+    assert getattr(model, "proxies", jnp.zeros((0, 1))).shape[0] == proxies
+  with pytest.raises(Exception, match="Unknown candidate 'vgg'"):
+    omniglot_probes.candidate_config(study, "vgg", steps=7, data_dir=None)
 
 
 def test_sweep_reuses_a_run_made_before_a_config_field_was_added(tmp_path):

@@ -109,3 +109,19 @@ def test_misspelled_flag_is_a_clear_error(tmp_path):
 def test_unknown_loss_in_the_config_argument_is_a_clear_error(tmp_path):
   with pytest.raises(Exception, match="expected one loss name"):
     _run_main(f"--config={CONFIG_DIR}/digits.py:tripletsemihard", f"--workdir={tmp_path}")
+
+
+def test_main_with_a_proxy_loss_on_two_cpu_devices(tmp_path):
+  """--cpu_devices splits the CPU; the proxy loss trains its proxies through the real main."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, "-m", "rankjax.main",
+       f"--config={CONFIG_DIR}/digits.py:proxy_anchor,runlocal", f"--workdir={tmp_path}",
+       "--cpu_devices=2", "--config.train.steps=4"], cwd=REPO, capture_output=True, text=True,
+      env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Mesh: 2 devices" in result.stderr
+  metrics = json.loads((tmp_path / train.METRICS_FILE).read_text())
+  assert all(np.isfinite(v) for v in metrics.values())
+  embed = rankjax.load_embedder(str(tmp_path))  # The proxies are in the checkpoint too.
+  assert embed(np.zeros((3, 16, 16, 1), np.uint8)).shape[0] == 3

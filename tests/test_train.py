@@ -18,6 +18,7 @@ from rankjax import checkpoint
 from rankjax import augment
 from rankjax import configs
 from rankjax import diagnostics
+from rankjax import losses
 from rankjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,9 +131,57 @@ def test_gradient_clipping_by_global_norm():
 
 
 def test_param_groups_by_path():
-  groups = train.param_groups(_params())
+  groups = train.param_groups({**_params(), "proxies": jnp.ones((5, 2))})
   assert groups["head"]["projection"]["kernel"] == "head"
   assert groups["backbone"]["conv"]["kernel"] == "backbone"
+  assert groups["proxies"] == "proxies"
+
+
+def test_proxies_get_their_own_learning_rate():
+  params = {**_params(), "proxies": jnp.ones((5, 2))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  for proxy_lr, expected in [(None, 0.1 * configs.PROXY_LEARNING_RATE_MULTIPLIER), (0.5, 0.5)]:
+    cfg = _optimizer_config(name="sgd", momentum=0.0, learning_rate=0.1,
+                            proxy_learning_rate=proxy_lr)
+    tx, schedules = train.make_optimizer(cfg, params, 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["proxies"], -expected, rtol=1e-6)
+    np.testing.assert_allclose(updates["backbone"]["conv"]["kernel"], -0.1, rtol=1e-6)
+    np.testing.assert_allclose(updates["head"]["projection"]["bias"], -0.1, rtol=1e-6)
+    assert float(schedules["proxies"](0)) == pytest.approx(expected)
+  assert "proxies" not in train.make_optimizer(cfg, _params(), 10)[1]
+
+
+def test_proxy_count_follows_the_loss_and_the_class_rotation():
+  c = configs.base_config()
+  assert configs.num_proxies(c, 964) == 0
+  configs.with_loss(c, "proxy_anchor")
+  assert configs.num_proxies(c, 964) == 964
+  c.rotate_classes = True
+  assert configs.num_proxies(c, 964) == 4 * 964
+
+
+def test_proxy_anchor_train_step_moves_the_proxies_of_the_batch_and_the_rest():
+  c = configs.base_config()
+  configs.with_loss(c, "proxy_anchor")
+  c.model.backbone_options.width = 4
+  c.model.embedding_dim = 8
+  info = type("Info", (), {"num_channels": 1, "train_classes": 6})
+  model = train.build_model(c, info)
+  graphdef, _, params, model_state = train.split_model(model)
+  assert params["proxies"].shape == (6, 8)
+  tx, schedules = train.make_optimizer(c.optimizer, params, 10)
+  step = jax.jit(train.make_train_step(
+      graphdef, losses.get_loss("proxy_anchor", **configs.loss_kwargs(c)), tx, schedules,
+      train.diagnostics_kwargs(c)))
+  state = train.init_state(params, model_state, tx)
+  batch = {"image": jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
+           "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
+  new_state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+  assert float(metrics["lr/proxies"]) == pytest.approx(100 * c.optimizer.learning_rate)
+  moved = np.abs(np.asarray(new_state["params"]["proxies"] - params["proxies"])).max(axis=1)
+  assert np.all(moved > 0)  # classes 4 and 5 are not in the batch but are pushed away
 
 
 # --- Diagnostics. ---
@@ -263,6 +312,7 @@ def test_omniglot_wide_flag_widens_the_late_blocks():
   assert tuple(wide.model.backbone_options.widths) == (64, 128, 256, 512)
   assert not wide.model.backbone_options.pool_last and wide.model.embedding_dim == 512
   assert wide.affine.rotation_degrees > 0 and wide.affine.shift > 0
+  assert wide.image_size == 40 and module.get_config("triplet_semihard").image_size == 28
   assert "widths" not in module.get_config("triplet_semihard").model.backbone_options
 
 

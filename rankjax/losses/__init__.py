@@ -6,6 +6,10 @@ by name with :func:`get_loss`::
 
     loss_fn = get_loss("triplet_semihard", margin=0.2)
     value = loss_fn(embeddings, labels)
+
+The proxy-based losses (:data:`PROXY_LOSSES`) also take learned class proxies,
+``loss_fn(embeddings, labels, proxies=f32[C, D])``; rankjax.train keeps them in the model
+(``EmbeddingModel.proxies``) and trains them with the network.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ from rankjax.losses.contrastive import contrastive_loss
 from rankjax.losses.lifted_structure import lifted_structure_loss
 from rankjax.losses.multi_similarity import multi_similarity_loss
 from rankjax.losses.npairs import angular_loss, npairs_angular_loss, npairs_loss
+from rankjax.losses.proxies import normalized_softmax_loss, proxy_anchor_loss
 from rankjax.losses.triplet import triplet_loss
 
 __all__ = [
     "LOSSES",
+    "PROXY_LOSSES",
     "angular_loss",
     "contrastive_loss",
     "get_loss",
     "lifted_structure_loss",
     "multi_similarity_loss",
     "npairs_angular_loss",
+    "normalized_softmax_loss",
     "npairs_loss",
+    "proxy_anchor_loss",
     "triplet_loss",
 ]
 
@@ -44,7 +52,12 @@ LOSSES: dict[str, tuple[Callable, dict]] = {
     "npairs_angular": (npairs_angular_loss, {}),
     "lifted_structure": (lifted_structure_loss, {}),
     "multi_similarity": (multi_similarity_loss, {}),
+    "proxy_anchor": (proxy_anchor_loss, {}),
+    "normalized_softmax": (normalized_softmax_loss, {}),
 }
+# The losses that take ``proxies=`` (one learned vector per training class) besides the batch.
+PROXY_LOSSES = ("proxy_anchor", "proxy_anchor_loss", "normalized_softmax",
+                "normalized_softmax_loss")
 for _fn in {fn for fn, _ in LOSSES.values()}:
   LOSSES[_fn.__name__] = (_fn, {})
 del _fn
@@ -55,7 +68,7 @@ def get_loss(name: str, **options) -> Callable:
 
   Names are the config names (``"contrastive"``, ``"triplet_semihard"``, ``"triplet_hard"``,
   ``"triplet_all"``, ``"npairs"``, ``"angular"``, ``"npairs_angular"``, ``"lifted_structure"``,
-  ``"multi_similarity"``, and ``"triplet"``) or the function names (``"triplet_loss"``, ...).
+  ``"multi_similarity"``, ``"proxy_anchor"``, ``"normalized_softmax"``, and ``"triplet"``) or the function names (``"triplet_loss"``, ...).
   The returned function still accepts keyword options, which override the bound ones.
 
   Raises:
