@@ -65,8 +65,7 @@ LOSS_NAMES = tuple(LOSS_DEFAULTS)
 NORMALIZED_BY_LOSS = {
     "contrastive": True, "triplet_semihard": True, "triplet_hard": True, "triplet_all": True,
     "npairs": False, "angular": True, "npairs_angular": False, "lifted_structure": False,
-    "multi_similarity": True, "proxy_anchor": True,
-    "normalized_softmax": True,
+    "multi_similarity": True, "proxy_anchor": True, "normalized_softmax": True,
 }
 
 # Losses built on one (anchor, positive) pair per class: their batches are K = 2 per class.
@@ -74,7 +73,8 @@ PAIR_BASED_LOSSES = ("npairs", "angular", "npairs_angular")
 
 # Losses with a learned proxy per training class (rankjax.losses.PROXY_LOSSES).
 PROXY_LOSSES = ("proxy_anchor", "normalized_softmax")
-# Proxy-Anchor's recipe: proxies learn 100x faster than the network (Kim et al. 2020, sec. 4.1).
+# Proxy-Anchor's recipe: proxies learn 100x faster than the network (Kim et al. 2020's training
+# setup, the scale common re-implementations use too).
 PROXY_LEARNING_RATE_MULTIPLIER = 100.0
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
