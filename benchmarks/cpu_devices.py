@@ -28,17 +28,15 @@ ENCODERS = {
 }
 
 _CHILD = r"""
-import json, sys, time
+import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))
 sys.path.insert(0, sys.argv[4])
 import train_step
-from rankjax import parallel
-make_mesh = parallel.make_mesh
-parallel.make_mesh = lambda devices=None: make_mesh(jax.devices())  # every (fake) device
 run, _ = train_step.jax_step("conv4", image_size=int(sys.argv[5]), channels=1,
                              batch=int(sys.argv[2]), dtype="float32",
-                             backbone_options=json.loads(sys.argv[3]))
+                             backbone_options=json.loads(sys.argv[3]),
+                             num_devices=len(jax.devices()))
 steps = 30
 seconds = min(run(steps) for _ in range(2))
 print(json.dumps({"devices": len(jax.devices()), "steps_per_s": steps / seconds}))

@@ -48,8 +48,12 @@ PEAK_BF16_FLOPS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options=None):
-  """``(run(n) -> seconds for n steps, forward FLOPs per image)`` for the rankjax train step."""
+def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options=None,
+             num_devices=1):
+  """``(run(n) -> seconds for n steps, forward FLOPs per image)`` for the rankjax train step.
+
+  The step runs data-parallel over the first ``num_devices`` devices (the batch split among them).
+  """
   config = configs.base_config()
   config.model.name = model_name
   config.model.dtype = dtype
@@ -62,7 +66,7 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   graphdef, eval_graphdef, params, model_state = train.split_model(model)
   tx, schedules = train.make_optimizer(config.optimizer, params, total_steps=1000)
   loss_fn = losses.get_loss("triplet_semihard", **configs.loss_kwargs(config))
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:num_devices])
   state = train.init_state(params, model_state, tx)
   step, sharding = parallel.jit_data_parallel(
       train.make_train_step(graphdef, loss_fn, tx, schedules, train.diagnostics_kwargs(config)),

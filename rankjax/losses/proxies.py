@@ -53,21 +53,12 @@ def proxy_anchor_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.
   proxies = _check_proxies(proxies, embeddings, labels)
   _common.check_positive(alpha, "alpha")
   similarity.check_nonnegative(delta, "delta")
-  s = similarity.l2_normalize(embeddings) @ similarity.l2_normalize(proxies).T  # [B, C]
+  s = similarity.cosine_similarities(embeddings, proxies)  # [B, C]
   positive = labels[:, None] == jnp.arange(proxies.shape[0])[None, :]
   pull = _common.log1p_sum_exp(-alpha * (s - delta), positive, axis=0)  # [C], 0 if absent
   push = _common.log1p_sum_exp(alpha * (s + delta), ~positive, axis=0)  # [C]
   present = jnp.any(positive, axis=0)
   return _common.safe_mean(jnp.sum(pull), jnp.sum(present)) + jnp.mean(push)
-
-
-def _check_label_range(labels: jax.Array, num_classes: int) -> None:
-  if isinstance(labels, jax.core.Tracer):
-    return
-  low, high = int(jnp.min(labels)), int(jnp.max(labels))
-  if low < 0 or high >= num_classes:
-    raise ValueError(f"labels must lie in [0, {num_classes}) (one proxy per class); got labels "
-                     f"from {low} to {high}.")
 
 
 def normalized_softmax_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array,
@@ -101,7 +92,7 @@ def normalized_softmax_loss(embeddings: jax.Array, labels: jax.Array, *, proxies
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   proxies = _check_proxies(proxies, embeddings, labels)
   _common.check_positive(temperature, "temperature")
-  logits = similarity.l2_normalize(embeddings) @ similarity.l2_normalize(proxies).T / temperature
+  logits = similarity.cosine_similarities(embeddings, proxies) / temperature
   log_probs = jax.nn.log_softmax(logits, axis=1)
   picked = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1)
   return _common.safe_mean(-jnp.sum(picked), labels.shape[0])
@@ -116,3 +107,12 @@ def _check_proxies(proxies, embeddings, labels) -> jax.Array:
     raise ValueError(f"proxies must be floating point; got dtype {proxies.dtype}.")
   _check_label_range(labels, proxies.shape[0])
   return proxies.astype(jnp.float32)
+
+
+def _check_label_range(labels: jax.Array, num_classes: int) -> None:
+  if isinstance(labels, jax.core.Tracer):
+    return
+  low, high = int(jnp.min(labels)), int(jnp.max(labels))
+  if low < 0 or high >= num_classes:
+    raise ValueError(f"labels must lie in [0, {num_classes}) (one proxy per class); got labels "
+                     f"from {low} to {high}.")

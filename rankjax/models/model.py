@@ -86,6 +86,16 @@ def _as_height_width(image_size) -> tuple[int, int]:
   return height, width
 
 
+def _integer(value, name: str, *, minimum: int, what: str) -> int:
+  try:
+    index = operator.index(value)
+  except TypeError:
+    index = None
+  if index is None or index < minimum:
+    raise ValueError(f"{name} must be {what}; got {value!r}.")
+  return index
+
+
 def check_image_size(name: str, image_size) -> tuple[int, int]:
   """Returns ``(height, width)`` or raises ``ValueError`` if model ``name`` cannot take that size.
 
@@ -186,19 +196,14 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
   spec = _check_name(name)
   if isinstance(rngs, int):
     rngs = nnx.Rngs(rngs)
-  try:
-    valid = operator.index(num_channels) >= 1
-  except TypeError:
-    valid = False
-  if not valid:
-    raise ValueError(f"num_channels must be a positive integer; got {num_channels!r}.")
-  num_channels = operator.index(num_channels)
+  num_channels = _integer(num_channels, "num_channels", minimum=1, what="a positive integer")
   try:
     dtype = jnp.dtype(dtype)
   except TypeError:
     raise ValueError(f"dtype={dtype!r} is not a dtype.") from None
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating-point compute dtype; got {dtype}.")
+  num_proxies = _integer(num_proxies, "num_proxies", minimum=0, what="a non-negative integer")
   options = dict(backbone_options or {})
 
   weights_file = None
@@ -244,11 +249,5 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     weights.load_weights(backbone, weights_file, architecture=name)
   head = EmbeddingHead(backbone.num_features, embedding_dim, pooling=pooling,
                        normalize=normalize, rngs=rngs)
-  try:
-    proxies = operator.index(num_proxies)
-  except TypeError:
-    proxies = -1
-  if proxies < 0:
-    raise ValueError(f"num_proxies must be a non-negative integer; got {num_proxies!r}.")
   return EmbeddingModel(backbone, head, model_name=name, num_channels=num_channels,
-                        num_proxies=proxies, rngs=rngs)
+                        num_proxies=num_proxies, rngs=rngs)
