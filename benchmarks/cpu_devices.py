@@ -10,6 +10,12 @@ process (XLA's device count is fixed when the backend starts); the first count i
   python benchmarks/cpu_devices.py                  # 1 and 2 devices
   python benchmarks/cpu_devices.py --devices=1,2,4
   python benchmarks/cpu_devices.py --devices=2 --encoders=wide --image_size=40
+
+``--xla_flags=FLAGS`` (repeatable) adds rows with ``XLA_FLAGS=FLAGS`` set in the child process,
+beside the reference without flags, e.g. XLA's experimental oneDNN and XNNPACK kernels::
+
+  python benchmarks/cpu_devices.py --devices=2 --encoders=wide --image_size=40 \
+      --xla_flags=--xla_cpu_use_onednn=true --xla_flags=--xla_cpu_use_xnnpack=true
 """
 
 from __future__ import annotations
@@ -43,15 +49,18 @@ print(json.dumps({"devices": len(jax.devices()), "steps_per_s": steps / seconds}
 """
 
 
-def measure(devices: int, batch: int, options: dict, image_size: int) -> dict:
+def measure(devices: int, batch: int, options: dict, image_size: int, xla_flags: str = "") -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   out = subprocess.run(
       [sys.executable, "-c", _CHILD, str(devices), str(batch), json.dumps(options),
        os.path.dirname(os.path.abspath(__file__)), str(image_size)],
       capture_output=True, text=True, env=env, check=False)
   if out.returncode:
-    raise RuntimeError(f"the {devices}-device run failed:\n{out.stderr[-2000:]}")
+    raise RuntimeError(f"the {devices}-device run (XLA_FLAGS={xla_flags!r}) failed:\n"
+                       f"{out.stderr[-2000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -62,6 +71,8 @@ def main():
   parser.add_argument("--image_size", type=int, default=28)
   parser.add_argument("--encoders", default=",".join(ENCODERS),
                       help=f"comma-separated, of {', '.join(ENCODERS)}")
+  parser.add_argument("--xla_flags", action="append", default=[],
+                      help="XLA_FLAGS of an extra row (repeatable); the reference has none")
   args = parser.parse_args()
   encoders = args.encoders.split(",")
   if not set(encoders) <= set(ENCODERS):
@@ -74,16 +85,20 @@ def main():
     parser.error(f"--devices {bad}: each count must be >= 1 and divide --batch={args.batch}.")
   print(f"CPU cores: {os.cpu_count()}; batch {args.batch} at {args.image_size} px; the train step of "
         f"rankjax.train (semi-hard triplets, Adam); best of 2 x 30 steps.\n")
-  print("| encoder | devices | steps/s | images/s | vs 1st |")
-  print("|---|---|---|---|---|")
+  flag_sets = [""] + args.xla_flags
+  flags_column = "| XLA_FLAGS " if args.xla_flags else ""
+  print(f"| encoder | devices {flags_column}| steps/s | images/s | vs 1st |")
+  print("|---|---|" + ("---|" if args.xla_flags else "") + "---|---|---|")
   for name in encoders:
     label, options = ENCODERS[name]
     reference = None
     for n in counts:
-      rate = measure(n, args.batch, options, args.image_size)["steps_per_s"]
-      reference = reference or rate
-      print(f"| {label} | {n} | {rate:.2f} | {rate * args.batch:.0f} | {rate / reference:.2f}x |",
-            flush=True)
+      for flags in flag_sets:
+        rate = measure(n, args.batch, options, args.image_size, flags)["steps_per_s"]
+        reference = reference or rate
+        cell = f"| {flags or '(none)'} " if args.xla_flags else ""
+        print(f"| {label} | {n} {cell}| {rate:.2f} | {rate * args.batch:.0f} | "
+              f"{rate / reference:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

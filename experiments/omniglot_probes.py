@@ -36,6 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _NO_ROTATION = {"rotate_classes": False}
+# The studies measure training choices: embeddings of the test images alone, as they were measured
+# before the wide recipe gained its test-time shifts.
+_NO_TEST_TIME_SHIFTS = {"eval.test_time_shift": 0}
 _PROXY_LR_1E2 = {"optimizer.proxy_learning_rate": 1e-2}
 
 # study -> (config argument, overrides of every candidate, {candidate -> its own overrides}).
@@ -50,7 +53,7 @@ STUDIES = {
         "conv4_64-64-128-256": {"model.backbone_options.widths": (64, 64, 128, 256)},
         "conv4_64-128-256-512": {"model.backbone_options.widths": (64, 128, 256, 512)},
     }),
-    "losses": ("triplet_semihard,wide", {"image_size": 28}, {
+    "losses": ("triplet_semihard,wide", {"image_size": 28, **_NO_TEST_TIME_SHIFTS}, {
         "triplet_semihard": {},
         "triplet_semihard_lr2e-3": {"optimizer.learning_rate": 2e-3},
         "triplet_semihard_margin0.1": {"loss.triplet_semihard.margin": 0.1},
@@ -64,7 +67,7 @@ STUDIES = {
         "normalized_softmax_no_rotation_proxy_lr1e-2": {"loss.name": "normalized_softmax",
                                                         **_NO_ROTATION, **_PROXY_LR_1E2},
     }),
-    "sizes": ("triplet_semihard,wide", {}, {
+    "sizes": ("triplet_semihard,wide", _NO_TEST_TIME_SHIFTS, {
         "28px": {"image_size": 28},
         "32px": {"image_size": 32},
         "40px": {"image_size": 40},

@@ -316,7 +316,8 @@ def test_embeddings(workdir: str, *, which: str = "latest") -> tuple[np.ndarray,
   if which != "init":
     variables, _ = checkpoint.restore_model(workdir, variables, which=which)
   mesh = parallel.make_mesh()
-  return train.embed_split(train.make_embed_fn(eval_graphdef, mesh), variables, mesh, config)
+  embed = train.make_eval_embed_fn(eval_graphdef, config, mesh)
+  return train.embed_split(embed, variables, mesh, config)
 
 
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -44,6 +44,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from rankjax import augment as device_augment
+from rankjax.evaluation import test_time
 
 # The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
 LOSS_DEFAULTS: dict[str, dict] = {
@@ -161,6 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.distance = "cosine"
   c.eval.chunk_size = config_dict.placeholder(int)
   c.eval.best_metric = "recall@1"  # The best checkpoint (workdir/best) maximises this.
+  # Test-time augmentation (rankjax.evaluation.test_time): s > 0 embeds each test image as the
+  # mean over its (2s + 1)^2 copies shifted by up to s pixels; 0 = the image alone.
+  c.eval.test_time_shift = 0
   return c
 
 
@@ -250,6 +254,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       value = value[part]
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
+  try:
+    test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
+  except ValueError as e:
+    raise ValueError(f"config.eval.test_time_shift: {e}") from None
   try:
     device_augment.check_affine(**config.affine)
   except ValueError as e:

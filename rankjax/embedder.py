@@ -47,7 +47,8 @@ def load_embedder(workdir: str, *, which: str = "latest",
   The returned function takes ``uint8[B, H, W, C]`` images as the dataset stores them (any
   ``H, W``: they are resized and centre-cropped exactly as the evaluation does, with
   :func:`rankjax.data.preprocess_for_eval`) and returns numpy ``float32[B, E]`` embeddings,
-  computed in eval mode (BatchNorm running averages) on the default device.
+  computed in eval mode (BatchNorm running averages) on the default device, with the run's
+  test-time shifts (``config.eval.test_time_shift``): the embeddings its metrics were computed on.
   """
   from rankjax import data  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
@@ -56,7 +57,7 @@ def load_embedder(workdir: str, *, which: str = "latest",
   _, eval_graphdef, params, model_state = train.split_model(model)
   variables, _ = checkpoint.restore_model(
       workdir, {"params": params, "model_state": model_state}, which=which)
-  embed_fn = train.make_embed_fn(eval_graphdef)
+  embed_fn = train.make_eval_embed_fn(eval_graphdef, config)
   chunk = batch_size or config.eval.batch_size
 
   def embed(images: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ from rankjax import configs
 from rankjax import diagnostics
 from rankjax import parallel
 from rankjax import augment as device_augment
+from rankjax.evaluation import test_time
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
@@ -135,10 +136,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       process_count=jax.process_count())
 
   # --- Evaluators. ---
-  embed = make_embed_fn(eval_graphdef, mesh)
+  embed = make_eval_embed_fn(eval_graphdef, config, mesh)
 
   def evaluate(state: TrainState) -> dict[str, float]:
+    views = (2 * config.eval.test_time_shift + 1) ** 2
+    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", config.eval.split,
+                 f" in {views} shifted views" if views > 1 else "",
+                 ", ".join(config.eval.metrics))
+    start = time.perf_counter()
     embeddings, labels = embed_split(embed, model_variables(state), mesh, config)
+    logging.info("Embedded %d images in %.1f s.", len(labels), time.perf_counter() - start)
     return {name: float(value) for name, value in evaluator.run(embeddings, labels)}
 
   # --- Loop. ---
@@ -384,18 +391,33 @@ def make_batch_transform(config: ml_collections.ConfigDict
   return transform
 
 
-def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
+def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None, *,
+                  test_time_shift: int = 0, normalize_views: bool = False
                   ) -> Callable[[dict, jax.Array], jax.Array]:
-  """``embed(model_variables, images) -> f32[B, E]`` in eval mode, jitted (sharded on ``mesh``)."""
+  """``embed(model_variables, images) -> f32[B, E]`` in eval mode, jitted (sharded on ``mesh``).
+
+  ``test_time_shift=s > 0`` returns the mean embedding of the ``(2s + 1)^2`` copies of each image
+  shifted by up to ``s`` pixels, each view L2-normalised first if ``normalize_views``
+  (:mod:`rankjax.evaluation.test_time`).
+  """
 
   def embed(variables, images):
     model = nnx.merge(eval_graphdef, variables["params"], variables["model_state"])
-    return model(images).astype(jnp.float32)
+    return test_time.mean_over_shifts(lambda x: model(x).astype(jnp.float32), images,
+                                      test_time_shift, normalize=normalize_views)
 
   if mesh is None:
     return jax.jit(embed)
   return jax.jit(embed, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.batch_sharded(mesh))
+
+
+def make_eval_embed_fn(eval_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh | None = None) -> Callable[[dict, jax.Array], jax.Array]:
+  """:func:`make_embed_fn` with the evaluation's test-time shifts (``config.eval.test_time_shift``;
+  views averaged on the unit sphere when ``config.eval.distance`` is cosine)."""
+  return make_embed_fn(eval_graphdef, mesh, test_time_shift=config.eval.test_time_shift,
+                       normalize_views=config.eval.distance == "cosine")
 
 
 def embed_split(embed: Callable, variables: dict, mesh: jax.sharding.Mesh,

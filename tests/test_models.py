@@ -121,6 +121,53 @@ def test_conv4_without_the_last_downsampling_keeps_the_whole_map(name, pooled, u
     assert backbone(x).shape == (2, size, size, 4) and backbone.output_size(28) == size
 
 
+# ---------------------------------------------------------------- convolutions
+
+
+def _primitives(fn, *args):
+  return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+@pytest.mark.parametrize("size,kernel,stride,route", [
+    ((2, 2), 3, 1, "patches"), ((4, 4), 3, 2, "patches"), ((3, 3), 3, 2, "patches"),
+    ((1, 1), 3, 1, "patches"), ((2, 1), 7, 2, "patches"), ((4, 4), 3, 1, "conv"),
+    ((2, 5), 3, 1, "conv"), ((2, 2), 1, 1, "conv")])
+def test_conv_matches_lax_on_both_routes(size, kernel, stride, route):
+  # Outputs of at most 2x2 run as patches @ kernel on the CPU (layers.conv_general_dilated).
+  pad = ((kernel - 1) // 2,) * 2
+  numbers = jax.lax.conv_dimension_numbers((1, 1, 1, 6), (1, 1, 6, 5), ("NHWC", "HWIO", "NHWC"))
+  ref = lambda w, x: jax.lax.conv_general_dilated(x, w, (stride, stride), (pad, pad),
+                                                  dimension_numbers=numbers)
+  ours = lambda w, x: layers.conv_general_dilated(x, w, (stride, stride), (pad, pad),
+                                                  dimension_numbers=numbers)
+  x, w = _images((3, *size, 6)), _images((kernel, kernel, 6, 5), seed=1)
+  expected = "dot_general" if route == "patches" else "conv_general_dilated"
+  assert expected in _primitives(ours, w, x)
+  np.testing.assert_allclose(ours(w, x), ref(w, x), rtol=1e-5, atol=1e-5)
+  cotangent = _images(ref(w, x).shape, seed=2)
+  for arg in (0, 1):
+    g_ours = jax.grad(lambda w, x: jnp.sum(ours(w, x) * cotangent), argnums=arg)(w, x)
+    g_ref = jax.grad(lambda w, x: jnp.sum(ref(w, x) * cotangent), argnums=arg)(w, x)
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_layer_takes_the_patch_route_for_small_outputs():
+  conv = layers.conv(4, 3, 3, strides=2, rngs=nnx.Rngs(0))
+  x = _images((2, 4, 4, 4))
+  assert "dot_general" in _primitives(conv, x)
+  assert "conv_general_dilated" in _primitives(conv, _images((2, 8, 8, 4)))
+  ref = jax.lax.conv_general_dilated(x, conv.kernel[...], (2, 2), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(conv(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_route_keeps_bfloat16_compute():
+  conv = layers.conv(4, 3, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  y = conv(_images((2, 2, 2, 4)))
+  assert y.dtype == jnp.bfloat16 and y.shape == (2, 2, 2, 3)
+  assert "dot_general" in _primitives(conv, _images((2, 2, 2, 4)))
+
+
 # ---------------------------------------------------------------- pooling and the head
 
 

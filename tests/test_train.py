@@ -313,6 +313,8 @@ def test_omniglot_wide_flag_widens_the_late_blocks():
   assert not wide.model.backbone_options.pool_last and wide.model.embedding_dim == 512
   assert wide.affine.rotation_degrees > 0 and wide.affine.shift > 0
   assert wide.image_size == 40 and module.get_config("triplet_semihard").image_size == 28
+  assert wide.eval.test_time_shift == 1
+  assert module.get_config("triplet_semihard").eval.test_time_shift == 0
   assert "widths" not in module.get_config("triplet_semihard").model.backbone_options
 
 

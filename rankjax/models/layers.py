@@ -4,6 +4,11 @@ Padding is explicit (``(k - 1) // 2`` on every side, as PyTorch and Keras' ``Zer
 rather than ``"SAME"``: for an even input, XLA's ``"SAME"`` pads a 7x7 stride-2 convolution by
 (2, 3) instead of (3, 3), which shifts every feature and breaks imported weights.
 
+Convolutions whose output is at most 2x2 pixels run on the CPU as one matrix product over
+explicit patches (:func:`conv_general_dilated`): there XLA's CPU convolution is 10 to 80 times
+slower than the matrix product (benchmarks/small_convolutions.py), which made ResNet-18's last stage
+at 64 px (2x2 maps of 512 channels) cost most of its train step.
+
 Max-pooling is written as an elementwise maximum over strided slices instead of
 ``lax.reduce_window``. The forward pass is identical, but the gradient becomes a chain of selects:
 XLA on the CPU lowers the gradient of ``reduce_window`` to ``select_and_scatter``, which is several
@@ -85,7 +90,82 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, strides: int 
   pad = (kernel_size - 1) // 2
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size),
                   strides=(strides, strides), padding=((pad, pad), (pad, pad)), use_bias=False,
-                  kernel_init=conv_kernel_init, dtype=dtype, rngs=rngs)
+                  kernel_init=conv_kernel_init, dtype=dtype, rngs=rngs,
+                  conv_general_dilated=conv_general_dilated)
+
+
+# Outputs up to this many pixels a side take the patch-matrix route on the CPU. XLA:CPU (jaxlib
+# 0.10), batch 64, 3x3 kernels, 512 -> 512 channels, forward + backward: a 2x2 output takes 747 ms
+# as a convolution and 9.5 ms as patches @ kernel; 4x4 and 7x7 outputs take the same time either
+# way (benchmarks/small_convolutions.py).
+_PATCH_MATMUL_MAX_OUTPUT = 2
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, preferred_element_type=None, **kwargs):
+  r"""``lax.conv_general_dilated``, computed as patches @ kernel where XLA:CPU is slow.
+
+  For an NHWC input ``x: [B, H, W, C]`` (padded), an HWIO kernel ``w: [k_h, k_w, C, O]`` and
+  strides ``(s_h, s_w)``, the output is
+
+  .. math::
+
+     y_{b, i, j, o} = \sum_{u, v, c} x_{b,\, s_h i + u,\, s_w j + v,\, c}\, w_{u, v, c, o},
+
+  i.e. the ``k_h k_w`` strided slices of ``x`` concatenated along channels ``[B, H', W', k_h k_w
+  C]`` times ``w`` reshaped to ``[k_h k_w C, O]``. That route is taken on the CPU backend for a
+  plain convolution (no dilation, one group, explicit padding, NHWC / HWIO) whose output is at
+  most 2x2 pixels; anything else calls ``lax.conv_general_dilated`` unchanged. Same values up to
+  the order of the float sums, same gradients; the parameters are untouched.
+  """
+  if _patch_route(lhs, rhs, window_strides, padding, dimension_numbers,
+                  dilations=tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()),
+                  groups=feature_group_count, out_sharding=kwargs.get("out_sharding")):
+    return patch_matmul_conv(lhs, rhs, window_strides, padding, precision=precision,
+                             preferred_element_type=preferred_element_type)
+  if preferred_element_type is not None:
+    kwargs["preferred_element_type"] = preferred_element_type
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision, **kwargs)
+
+
+def _patch_route(lhs, rhs, strides, padding, dimension_numbers, *, dilations, groups,
+                 out_sharding) -> bool:
+  """Whether :func:`conv_general_dilated` computes this convolution as patches @ kernel."""
+  if (jax.default_backend() != "cpu" or groups != 1 or isinstance(padding, str)
+      or out_sharding is not None or any(d != 1 for d in dilations) or lhs.ndim != 4
+      or dimension_numbers != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+    return False
+  (top, bottom), (left, right) = padding
+  kh, kw = rhs.shape[:2]
+  out_h = (lhs.shape[1] + top + bottom - kh) // strides[0] + 1
+  out_w = (lhs.shape[2] + left + right - kw) // strides[1] + 1
+  return kh * kw > 1 and 0 < max(out_h, out_w) <= _PATCH_MATMUL_MAX_OUTPUT
+
+
+def patch_matmul_conv(x, kernel, strides, padding, *, precision=None, preferred_element_type=None):
+  """An NHWC / HWIO convolution with explicit ``padding`` as patches @ kernel (any output size).
+
+  ``x: [B, H, W, C]``, ``kernel: [k_h, k_w, C, O]``, ``strides: (s_h, s_w)``, ``padding:
+  ((top, bottom), (left, right))`` -> ``[B, H', W', O]``; see :func:`conv_general_dilated`.
+  """
+  (top, bottom), (left, right) = padding
+  kh, kw, cin, cout = kernel.shape
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  batch, height, width, _ = x.shape
+  out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+  patches = jnp.concatenate([
+      jax.lax.slice(x, (0, u, v, 0), (batch, u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1,
+                                      cin), (1, sh, sw, 1))
+      for u in range(kh) for v in range(kw)], axis=-1)
+  return jax.lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
+                             (((3,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
