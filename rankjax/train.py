@@ -413,7 +413,8 @@ def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = 
 
 
 def make_eval_embed_fn(eval_graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-                       mesh: jax.sharding.Mesh | None = None) -> Callable[[dict, jax.Array], jax.Array]:
+                       mesh: jax.sharding.Mesh | None = None
+                       ) -> Callable[[dict, jax.Array], jax.Array]:
   """:func:`make_embed_fn` with the evaluation's test-time shifts (``config.eval.test_time_shift``;
   views averaged on the unit sphere when ``config.eval.distance`` is cosine)."""
   return make_embed_fn(eval_graphdef, mesh, test_time_shift=config.eval.test_time_shift,

@@ -44,7 +44,7 @@ def check_max_shift(max_shift, image_size=None) -> int:
 
 
 def shift_offsets(max_shift: int) -> np.ndarray:
-  """``int32[(2s + 1)^2, 2]``: every ``(dy, dx)`` with ``|dy|, |dx| <= s``, ``(0, 0)`` among them."""
+  """``int32[(2s + 1)^2, 2]``: every ``(dy, dx)`` with ``|dy|, |dx| <= s``, ``(0, 0)`` included."""
   shift = check_max_shift(max_shift)
   steps = np.arange(-shift, shift + 1, dtype=np.int32)
   return np.stack(np.meshgrid(steps, steps, indexing="ij"), axis=-1).reshape(-1, 2)
