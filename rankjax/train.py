@@ -139,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   embed = make_eval_embed_fn(eval_graphdef, config, mesh)
 
   def evaluate(state: TrainState) -> dict[str, float]:
-    views = (2 * config.eval.test_time_shift + 1) ** 2
+    views = len(test_time.shift_offsets(config.eval.test_time_shift))
     logging.info("Evaluating on the %s split: embedding every image%s, then %s.", config.eval.split,
                  f" in {views} shifted views" if views > 1 else "",
                  ", ".join(config.eval.metrics))

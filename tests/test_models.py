@@ -163,9 +163,23 @@ def test_conv_layer_takes_the_patch_route_for_small_outputs():
 
 def test_patch_route_keeps_bfloat16_compute():
   conv = layers.conv(4, 3, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  y = conv(_images((2, 2, 2, 4)))
+  x = _images((2, 2, 2, 4))
+  y = conv(x)
   assert y.dtype == jnp.bfloat16 and y.shape == (2, 2, 2, 3)
-  assert "dot_general" in _primitives(conv, _images((2, 2, 2, 4)))
+  assert "dot_general" in _primitives(conv, x)
+  ref = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_patch_route_accepts_dimension_numbers_as_strings():
+  x, w = _images((2, 2, 2, 4)), _images((3, 3, 4, 3), seed=1)
+  ours = lambda x: layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert "dot_general" in _primitives(ours, x)
+  ref = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(ours(x), ref, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- pooling and the head

@@ -68,7 +68,8 @@ def get_loss(name: str, **options) -> Callable:
 
   Names are the config names (``"contrastive"``, ``"triplet_semihard"``, ``"triplet_hard"``,
   ``"triplet_all"``, ``"npairs"``, ``"angular"``, ``"npairs_angular"``, ``"lifted_structure"``,
-  ``"multi_similarity"``, ``"proxy_anchor"``, ``"normalized_softmax"``, and ``"triplet"``) or the function names (``"triplet_loss"``, ...).
+  ``"multi_similarity"``, ``"proxy_anchor"``, ``"normalized_softmax"``, and ``"triplet"``) or the
+  function names (``"triplet_loss"``, ...).
   The returned function still accepts keyword options, which override the bound ones.
 
   Raises:

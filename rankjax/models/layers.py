@@ -138,7 +138,10 @@ def _patch_route(lhs, rhs, strides, padding, dimension_numbers, *, dilations, gr
   """Whether :func:`conv_general_dilated` computes this convolution as patches @ kernel."""
   if (jax.default_backend() != "cpu" or groups != 1 or isinstance(padding, str)
       or out_sharding is not None or any(d != 1 for d in dilations) or lhs.ndim != 4
-      or dimension_numbers != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+      or dimension_numbers is None):  # None is lax's NCHW / OIHW default.
+    return False
+  as_given = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if as_given != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
     return False
   (top, bottom), (left, right) = padding
   kh, kw = rhs.shape[:2]
