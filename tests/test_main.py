@@ -52,23 +52,28 @@ def _digits_test_split():
 def test_main_on_digits_writes_metrics_tensorboard_and_an_embedder(tmp_path):
   workdir = str(tmp_path / "digits")
   _run_main(f"--config={CONFIG_DIR}/digits.py:triplet_semihard,runlocal", f"--workdir={workdir}",
-            "--config.train.steps=4", "--config.eval.every=2")
+            "--config.train.steps=4", "--config.eval.every=2", "--config.protocol.val_fraction=0.4",
+            "--config.classes_per_batch=3")
 
-  metrics = json.loads((tmp_path / "digits" / train.METRICS_FILE).read_text())
+  report = json.loads((tmp_path / "digits" / train.METRICS_FILE).read_text())
+  metrics = {k: v for k, v in report.items() if "/" not in k and not k.startswith(("checkpoint",
+                                                                                      "selected"))}
   assert set(metrics) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r",
                           "r_precision", "nmi"}
+  assert report["checkpoint"] == "best" and report["checkpoint_step"] in (2, 4)
+  assert 0.0 <= report["val/recall@1"] <= 1.0
   assert all(0.0 <= v <= 1.0 for v in metrics.values())
   assert metrics["recall@1"] <= metrics["recall@2"] <= metrics["recall@4"] <= metrics["recall@8"]
 
   tags = _scalar_tags(os.path.join(workdir, "tensorboard"))
   assert {"train/loss", "train/lr/backbone", "train/active_triplets", "train/mean_norm",
-          "train/mean_positive_distance", "train/mean_negative_distance", "eval/recall@1",
-          "eval/map@r", "eval/nmi", "perf/images_per_s"} <= tags
+          "train/mean_positive_distance", "train/mean_negative_distance", "val/recall@1",
+          "val/map@r", "val/nmi", "test/recall@1", "perf/images_per_s"} <= tags
 
   # The embedder reproduces the evaluation from raw uint8 images: the same retrieval metrics (up
   # to a query whose nearest neighbours tie within float rounding of a different batching).
   images, labels = _digits_test_split()
-  embed = rankjax.load_embedder(workdir)
+  embed = rankjax.load_embedder(workdir, which="best")  # The checkpoint metrics.json reports.
   embeddings = embed(images)
   assert embeddings.shape == (len(images), 64) and embeddings.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
@@ -90,7 +95,8 @@ def test_main_on_mock_tfds_cub200(tmp_path):
               "--config.train.steps=2", "--config.eval.batch_size=16")
   metrics = json.loads((tmp_path / train.METRICS_FILE).read_text())
   assert set(metrics) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r",
-                          "r_precision", "nmi"}
+                          "r_precision", "nmi", "checkpoint", "checkpoint_step"}
+  assert metrics.pop("checkpoint") == "final"  # No validation evaluations were asked for.
   assert all(np.isfinite(v) for v in metrics.values())
   config = json.loads((tmp_path / train.CONFIG_FILE).read_text())
   assert config["dataset"] == "cub200" and config["loss"]["name"] == "npairs"
@@ -122,6 +128,6 @@ def test_main_with_a_proxy_loss_on_two_cpu_devices(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Mesh: 2 devices" in result.stderr
   metrics = json.loads((tmp_path / train.METRICS_FILE).read_text())
-  assert all(np.isfinite(v) for v in metrics.values())
+  assert all(np.isfinite(v) for k, v in metrics.items() if k != "checkpoint")
   embed = rankjax.load_embedder(str(tmp_path))  # The proxies are in the checkpoint too.
   assert embed(np.zeros((3, 16, 16, 1), np.uint8)).shape[0] == 3
