@@ -556,7 +556,7 @@ def test_proxy_gradients_are_nan_too_for_an_out_of_range_label():
     assert bool(jnp.all(jnp.isnan(grad))), fn.__name__
 
 
-# --- Edge cases: always finite ---------------------------------------------------------------------
+# --- Edge cases: always finite --------------------------------------------------------------------
 
 NEW_LOSSES = ["margin", "supcon", "arcface", "cosface", "subcenter_arcface"]
 
@@ -679,7 +679,8 @@ def test_option_errors(call, match):
 
 def test_options_are_keyword_only():
   with pytest.raises(TypeError):
-    losses.supcon_loss(jnp.ones((2, 3)), jnp.array([0, 1]), 0.1)  # pylint: disable=too-many-function-args
+    # pylint: disable-next=too-many-function-args
+    losses.supcon_loss(jnp.ones((2, 3)), jnp.array([0, 1]), 0.1)
 
 
 @pytest.mark.parametrize("module", [margin_module, supcon_module, arcface_module, cosface_module,

@@ -3,7 +3,8 @@ r"""ArcFace (Deng et al. 2019) and sub-center ArcFace (Deng et al. 2020): additi
 Both are a softmax over :math:`s \cos\theta_j`, the scaled cosines between an L2-normalised
 embedding and L2-normalised class proxies, with the true class's angle widened by a margin
 :math:`m`. Where :math:`\theta + m` would pass :math:`\pi` (and :math:`\cos(\theta + m)` would
-start to rise again), the target logit follows the papers' code (insightface, ``easy_margin=False``):
+start to rise again), the target logit follows the papers' code (insightface's
+``easy_margin=False``):
 
 .. math::
    \psi(\theta) = \begin{cases} \cos(\theta + m) & \cos\theta > \cos(\pi - m) \\

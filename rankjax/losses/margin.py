@@ -1,4 +1,4 @@
-r"""Margin loss with distance-weighted sampling of negatives (Wu, Manmatha, Smola & Krähenbühl 2017).
+r"""Margin loss with distance-weighted sampling of negatives (Wu et al. 2017).
 
 Wu et al., "Sampling Matters in Deep Embedding Learning", ICCV 2017. On the unit sphere in
 :math:`n` dimensions the distance between two uniformly random points has density
