@@ -57,6 +57,9 @@ def margin_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2
   :math:`\beta` is a scalar or one value per class (indexed by the anchor's label, as the paper
   learns it); pass a trainable array to learn it (the paper: initial 1.2, its own learning rate).
 
+  Cost: the draws are made for every (anchor, reference) slot, a binary search each, so time is
+  O(B M log M) and memory O(B M) (the draws are counted block by block, never gathered).
+
   References: anchors come from the batch; positives and negatives from ``ref_embeddings``
   (e.g. a memory of past batches), or from the batch itself when they are None. A batch sample
   is never paired with itself; given references are a separate set, so every (anchor,
