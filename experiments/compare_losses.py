@@ -267,7 +267,9 @@ def define_flags():
   """The command-line flags (defined only when run as a script: the module stays importable)."""
   flags.DEFINE_string("dataset", "digits",
                       "A config in experiments/configs/ (digits, omniglot, cub200, ...).")
-  flags.DEFINE_list("losses", list(sweep.SURVEY_LOSSES), "Losses to compare (comma-separated).")
+  flags.DEFINE_list("losses", list(sweep.SURVEY_LOSSES),
+                    "Losses to compare (comma-separated); the later baselines are "
+                    f"{','.join(sweep.POST_SURVEY_LOSSES)}.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each loss is trained once per seed.")
   flags.DEFINE_string("output_dir", None, "Where runs/ and the results go (default "
                       "experiments/results/<dataset>).")

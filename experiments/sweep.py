@@ -71,10 +71,18 @@ LOSS_LABELS = {
     "multi_similarity": "multi-similarity",
     "proxy_anchor": "Proxy-Anchor",
     "normalized_softmax": "normalised softmax",
+    "margin": "margin (distance-weighted)",
+    "supcon": "SupCon",
+    "arcface": "ArcFace",
+    "cosface": "CosFace",
+    "subcenter_arcface": "sub-center ArcFace",
 }
-# The survey's nine ranking losses (every loss but the proxy ones): what the sweeps run unless
-# --losses names others.
+# The survey's nine ranking losses (every pair-based loss it covers, up to angular and
+# multi-similarity): what the sweeps run unless --losses names others.
 SURVEY_LOSSES = tuple(LOSS_LABELS)[:9]
+# The later baselines (--losses=margin,supcon,arcface,cosface,subcenter_arcface), on the same
+# P x K batches as the survey's losses.
+POST_SURVEY_LOSSES = ("margin", "supcon", "arcface", "cosface", "subcenter_arcface")
 
 
 def define_common_flags(keep_checkpoints_help: str) -> None:

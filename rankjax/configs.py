@@ -23,16 +23,27 @@ lifted_structure   margin=1.0, unnormalised embeddings                 Song et a
 multi_similarity   alpha=2, beta=50, base=0.5, epsilon=0.1             Wang et al. 2019
 proxy_anchor       alpha=32, delta=0.1                                 Kim et al. 2020
 normalized_softmax temperature=0.05                                    Zhai & Wu 2019
+margin             margin=0.2, beta=1.2, nu=0, distance-weighted       Wu et al. 2017
+                   negatives (cutoff=0.5, nonzero_loss_cutoff=1.4)
+supcon             temperature=0.1                                     Khosla et al. 2020
+arcface            scale=64, margin_degrees=28.6 (0.5 rad)             Deng et al. 2019
+cosface            scale=64, margin=0.35                               Wang et al. 2018 (CosFace)
+subcenter_arcface  scale=64, margin_degrees=28.6, sub_centers=3        Deng et al. 2020
 =================  ==================================================  ============================
 
 Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
 (``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
-``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe).
+``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe);
+sub-center ArcFace learns ``sub_centers`` proxies per class (``f32[C, sub_centers, D]``).
+The margin loss draws its negatives at random and takes a new PRNG key at every step
+(:data:`rankjax.losses.LOSSES_NEEDING_KEY`); ``loss.margin.beta`` is its :math:`\beta`, the
+initial value where :math:`\beta` is learned (the paper learns one per class).
 
 ``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
 N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
-instead); the triplet and contrastive margins assume unit-norm embeddings; angular and
-multi-similarity normalise inside the loss, so the head's normalisation is irrelevant to them.
+instead); the triplet and contrastive margins assume unit-norm embeddings; angular,
+multi-similarity, margin, supcon and the proxy losses normalise inside the loss, so the head's
+normalisation is irrelevant to them.
 """
 
 from __future__ import annotations
@@ -59,6 +70,11 @@ LOSS_DEFAULTS: dict[str, dict] = {
     "multi_similarity": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
     "proxy_anchor": dict(alpha=32.0, delta=0.1),
     "normalized_softmax": dict(temperature=0.05),
+    "margin": dict(margin=0.2, beta=1.2, nu=0.0, cutoff=0.5, nonzero_loss_cutoff=1.4),
+    "supcon": dict(temperature=0.1),
+    "arcface": dict(scale=64.0, margin_degrees=28.6),
+    "cosface": dict(scale=64.0, margin=0.35),
+    "subcenter_arcface": dict(scale=64.0, margin_degrees=28.6, sub_centers=3),
 }
 LOSS_NAMES = tuple(LOSS_DEFAULTS)
 
@@ -67,13 +83,14 @@ NORMALIZED_BY_LOSS = {
     "contrastive": True, "triplet_semihard": True, "triplet_hard": True, "triplet_all": True,
     "npairs": False, "angular": True, "npairs_angular": False, "lifted_structure": False,
     "multi_similarity": True, "proxy_anchor": True, "normalized_softmax": True,
+    "margin": True, "supcon": True, "arcface": True, "cosface": True, "subcenter_arcface": True,
 }
 
 # Losses built on one (anchor, positive) pair per class: their batches are K = 2 per class.
 PAIR_BASED_LOSSES = ("npairs", "angular", "npairs_angular")
 
 # Losses with a learned proxy per training class (rankjax.losses.PROXY_LOSSES).
-PROXY_LOSSES = ("proxy_anchor", "normalized_softmax")
+PROXY_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface", "cosface", "subcenter_arcface")
 # Proxy-Anchor's recipe: proxies learn 100x faster than the network (Kim et al. 2020's training
 # setup, the scale common re-implementations use too).
 PROXY_LEARNING_RATE_MULTIPLIER = 100.0

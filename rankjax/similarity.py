@@ -157,3 +157,68 @@ def positive_mask(labels: jax.Array) -> jax.Array:
 def negative_mask(labels: jax.Array) -> jax.Array:
   """``bool[B, B]``: negative pairs, different labels (so ``i != j`` holds by itself)."""
   return ~same_label_mask(labels)
+
+
+def check_precision(precision, name: str = "precision"):
+  """The matmul precision ``precision`` as ``jnp.matmul`` takes it, or a ``ValueError`` naming it.
+
+  Accepts ``None`` (the backend's default), a ``jax.lax.Precision``, its name (``"highest"``,
+  ``"high"``, ``"default"``, or the aliases ``"float32"``, ``"tensorfloat32"``, ``"bfloat16"``),
+  a ``jax.lax.DotAlgorithmPreset``, or a pair of those for the two operands.
+  """
+  if precision is None or isinstance(precision, (jax.lax.Precision, jax.lax.DotAlgorithmPreset)):
+    return precision
+  if isinstance(precision, str):
+    try:
+      return jax.lax.Precision(precision)
+    except ValueError:
+      pass
+  elif isinstance(precision, (tuple, list)) and len(precision) == 2:
+    return tuple(check_precision(p, name) for p in precision)
+  raise ValueError(f"{name}={precision!r} is not a matmul precision: use jax.lax.Precision.HIGHEST "
+                   f"(or 'highest'), 'high', 'default', or None for the backend's default.")
+
+
+def cosine_similarities_with_precision(x: jax.Array, y: jax.Array | None = None, *,
+                                       precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+  r""":func:`cosine_similarities` with its dot products computed at ``precision``.
+
+  ``jax.lax.Precision.HIGHEST`` (the default) keeps float32 matmuls in float32 on every backend;
+  ``None`` or ``"default"`` lets TPUs run them in bfloat16 passes and recent NVIDIA GPUs in TF32,
+  faster but with errors of ~1e-3 in the cosines.
+  """
+  xn = l2_normalize(x)
+  yn = xn if y is None else l2_normalize(y)
+  return jnp.matmul(xn, yn.T, precision=check_precision(precision))
+
+
+def reference_set(embeddings: jax.Array, labels: jax.Array, ref_embeddings=None, ref_labels=None):
+  """The references of a pair loss: ``(f32[M, D], int32[M], self_pairs: bool[B, M])``.
+
+  Anchors come from the batch ``(embeddings, labels)`` and their positives and negatives from the
+  references: the batch itself when ``ref_embeddings`` and ``ref_labels`` are None (then
+  ``self_pairs`` is the diagonal, which a loss leaves out: a sample is never its own positive),
+  or a separate set given as both (e.g. a memory of past batches; ``self_pairs`` is then all
+  False and every (anchor, reference) pair counts). Checks the references where they enter.
+  """
+  if (ref_embeddings is None) != (ref_labels is None):
+    raise ValueError("Give both ref_embeddings and ref_labels (a reference set), or neither (the "
+                     "batch is its own reference set).")
+  if ref_embeddings is None:
+    return embeddings, labels, jnp.eye(labels.shape[0], dtype=bool)
+  ref_labels = jnp.asarray(ref_labels)
+  if ref_labels.ndim != 1 or not (jnp.issubdtype(ref_labels.dtype, jnp.integer)
+                                  or ref_labels.dtype == jnp.bool_):
+    raise ValueError(f"ref_labels must be integers of rank 1 [num_references]; got shape "
+                     f"{tuple(ref_labels.shape)} and dtype {ref_labels.dtype}.")
+  ref_embeddings = jnp.asarray(ref_embeddings)
+  if ref_embeddings.ndim == 2 and ref_embeddings.shape[0] != ref_labels.shape[0]:
+    raise ValueError(f"ref_embeddings has {ref_embeddings.shape[0]} rows but ref_labels has "
+                     f"{ref_labels.shape[0]} entries.")
+  ref_embeddings, ref_labels = check_embeddings_and_labels(ref_embeddings, ref_labels,
+                                                           name="ref_embeddings")
+  if ref_embeddings.shape[1] != embeddings.shape[1]:
+    raise ValueError(f"ref_embeddings have dimension {ref_embeddings.shape[1]} but embeddings "
+                     f"have {embeddings.shape[1]}.")
+  return (ref_embeddings, ref_labels,
+          jnp.zeros((labels.shape[0], ref_labels.shape[0]), dtype=bool))

@@ -270,8 +270,9 @@ def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
 def test_every_loss_has_a_label_and_the_sweeps_default_to_the_survey_losses():
   from rankjax import configs  # pylint: disable=g-import-not-at-top
   assert set(sweep.LOSS_LABELS) == set(configs.LOSS_NAMES)
-  assert set(sweep.SURVEY_LOSSES) == set(configs.LOSS_NAMES) - set(configs.PROXY_LOSSES)
-  assert len(sweep.SURVEY_LOSSES) == 9
+  later = set(sweep.POST_SURVEY_LOSSES)
+  assert set(sweep.SURVEY_LOSSES) == set(configs.LOSS_NAMES) - set(configs.PROXY_LOSSES) - later
+  assert len(sweep.SURVEY_LOSSES) == 9 and not later & set(sweep.SURVEY_LOSSES)
 
 
 @pytest.mark.parametrize("study", list(omniglot_probes.STUDIES))
