@@ -9,9 +9,9 @@ command line, e.g. ``--config.train.steps=200 --config.loss.name=npairs
 Loss hyper-parameters live in one section per loss (``config.loss.<name>``) so that switching
 ``config.loss.name`` never passes one loss's margin to another. Their defaults are the papers':
 
-=================  ==================================================  ============================
+================== ==================================================  ============================
 ``loss.name``      defaults                                            source
-=================  ==================================================  ============================
+================== ==================================================  ============================
 contrastive        pos_margin=0, neg_margin=1.0, euclidean             Hadsell et al. 2006
 triplet_semihard   margin=0.2, euclidean, L2-normalised embeddings     Schroff et al. 2015 (FaceNet)
 triplet_hard       margin=0.2 (batch hard)                             Hermans et al. 2017
@@ -23,7 +23,7 @@ lifted_structure   margin=1.0, unnormalised embeddings                 Song et a
 multi_similarity   alpha=2, beta=50, base=0.5, epsilon=0.1             Wang et al. 2019
 proxy_anchor       alpha=32, delta=0.1                                 Kim et al. 2020
 normalized_softmax temperature=0.05                                    Zhai & Wu 2019
-=================  ==================================================  ============================
+================== ==================================================  ============================
 
 Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
 (``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
@@ -38,6 +38,7 @@ multi-similarity normalise inside the loss, so the head's normalisation is irrel
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Sequence
 
 import ml_collections
@@ -235,7 +236,7 @@ def normalize_embeddings(config: ml_collections.ConfigDict) -> bool:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` for a key that :func:`base_config` lacks (a misspelling) or a bad value."""
+  """Raises ``ValueError`` for a key :func:`base_config` lacks (a misspelling) or a bad value."""
   _check_keys(config, base_config(), prefix="")
   check_loss_name(config.loss.name)
   if config.optimizer.name not in OPTIMIZERS:
@@ -247,13 +248,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.best_metric not in config.eval.metrics:
     raise ValueError(f"config.eval.best_metric={config.eval.best_metric!r} is not one of "
                      f"config.eval.metrics {tuple(config.eval.metrics)}.")
-  for key in ("train.steps", "train.log_every", "train.checkpoint_every", "eval.batch_size",
-              "classes_per_batch", "samples_per_class", "image_size"):
-    value = config
-    for part in key.split("."):
-      value = value[part]
+  for key in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "eval.batch_size", "classes_per_batch", "samples_per_class", "image_size"):
+    value = _get(config, key)
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
+  check_rates_and_counts(config)
   try:
     test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
   except ValueError as e:
@@ -262,6 +262,41 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     device_augment.check_affine(**config.affine)
   except ValueError as e:
     raise ValueError(f"config.affine: {e}") from None
+
+
+def check_rates_and_counts(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` for a learning rate that is not positive, or a negative weight decay,
+  clipping norm or step count (``train.steps=0`` is valid: it evaluates the untrained network)."""
+  opt = config.optimizer
+  for key in ("learning_rate", "head_learning_rate", "proxy_learning_rate"):
+    if opt[key] is None and key != "learning_rate":
+      continue  # Unset: follows learning_rate.
+    if not _is_number(opt[key]) or not opt[key] > 0:
+      raise ValueError(f"config.optimizer.{key} must be a positive number; got {opt[key]!r} (at "
+                       f"0 nothing trains, below 0 the loss is climbed instead of descended).")
+  if not _is_number(opt.decay_factor) or not opt.decay_factor > 0:
+    raise ValueError(f"config.optimizer.decay_factor must be a positive number; got "
+                     f"{opt.decay_factor!r}.")
+  for key in ("weight_decay", "grad_clip_norm"):
+    if not _is_number(opt[key]) or not opt[key] >= 0:
+      raise ValueError(f"config.optimizer.{key} must be 0 (off) or positive; got {opt[key]!r}.")
+  counts = {"train.steps": config.train.steps, "optimizer.warmup_steps": opt.warmup_steps,
+            "eval.every": config.eval.every}
+  counts.update({f"optimizer.decay_steps[{i}]": s for i, s in enumerate(opt.decay_steps)})
+  for key, value in counts.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ValueError(f"config.{key} must be a non-negative integer; got {value!r}.")
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _get(config, dotted_key):
+  for part in dotted_key.split("."):
+    config = config[part]
+  return config
 
 
 def _check_keys(config, reference, prefix):
@@ -287,9 +322,9 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
                     eval_every: int, checkpoint_every: int) -> ml_collections.ConfigDict:
   """The fine-grained / SOP recipe of Roth, Milbich et al. 2020, shared by cub200, cars196 and sop.
 
-  ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5 with
-  weight decay 4e-4, bfloat16 compute. Two other published recipes replace the batch, optimizer
-  and loss settings (the backbone stays Roth et al.'s):
+  ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5
+  with weight decay 4e-4, bfloat16 compute. Two other published recipes replace the batch,
+  optimizer and loss settings (the backbone stays Roth et al.'s):
 
   * ``"wang2017"``: the N-pairs / angular recipe of Wang et al. 2017, "Deep Metric Learning with
     Angular Loss" (ICCV): batches of 64 classes x 2 images, a 512-d embedding, alpha = 45 degrees
