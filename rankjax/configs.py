@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from typing import Sequence
 
 import ml_collections
@@ -289,7 +290,7 @@ def check_rates_and_counts(config: ml_collections.ConfigDict) -> None:
 
 
 def _is_number(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
           and math.isfinite(value))
 
 

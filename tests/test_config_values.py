@@ -7,12 +7,7 @@ from rankjax import configs
 
 def _config(**changes):
   config = configs.base_config()
-  for key, value in changes.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 

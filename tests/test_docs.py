@@ -14,7 +14,11 @@ DOCS = os.path.join(REPO, "docs")
 
 
 def _public_modules():
-  """Every rankjax module whose dotted name has no part starting with an underscore."""
+  """Every rankjax module whose dotted name has no part starting with an underscore.
+
+  The top-level package is left out: it holds only ``__version__`` and a lazy alias of
+  :func:`rankjax.embedder.load_embedder`.
+  """
   modules = set()
   for folder, _, names in os.walk(os.path.join(REPO, "rankjax")):
     for name in names:
@@ -23,7 +27,7 @@ def _public_modules():
       parts = os.path.relpath(os.path.join(folder, name), REPO)[:-3].split(os.sep)
       if parts[-1] == "__init__":
         parts = parts[:-1]
-      if not any(p.startswith("_") for p in parts):
+      if len(parts) > 1 and not any(p.startswith("_") for p in parts):
         modules.add(".".join(parts))
   return modules
 

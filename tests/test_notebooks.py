@@ -115,6 +115,8 @@ def test_notebook_executes_and_shows_its_results(path, tmp_path):
   env.update(RANKJAX_NOTEBOOK_SMOKE="1", RANKJAX_NOTEBOOK_WORKDIR=str(tmp_path),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   env["XLA_FLAGS"] = ""  # One CPU device, as in Colab: not the test suite's 8 fake devices.
+  # The kernel imports this checkout's rankjax, whatever else is installed.
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
   client = NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": os.path.dirname(path)}})
   client.execute(env=env)  # Raises CellExecutionError, with the cell and traceback, on failure.
