@@ -47,7 +47,7 @@ nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "README.md"]
+exclude_patterns = ["_build"]
 
 html_theme = "sphinx_book_theme"
 html_title = f"rankjax {version}"

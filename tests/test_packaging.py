@@ -1,4 +1,4 @@
-"""The version lives in one place (rankjax.__version__); the licence, citation and changelog agree."""
+"""The version lives in one place (rankjax.__version__); licence, citation and changelog agree."""
 
 import os
 import re
