@@ -324,7 +324,7 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Every TensorBoard scalar of a run: ``{tag: (steps int[T], values f64[T])}``, by step.
 
   rankjax.train writes them with ``tf.summary.scalar`` under ``workdir/tensorboard`` (tags such as
-  ``train/loss`` and ``eval/recall@1``). A run resumed after a kill may log a step twice; the
+  ``train/loss`` and ``val/recall@1``). A run resumed after a kill may log a step twice; the
   last value written wins.
   """
   # Imported here: only the sweeps' reporting needs TensorBoard's reader.

@@ -80,6 +80,11 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 
+  @property
+  def best_step(self) -> int | None:
+    """The step of the kept best checkpoint, or None before any evaluation."""
+    return self._best.latest_step()
+
   def save(self, step: int, model: Any, optimizer: Any, *, force: bool = False) -> None:
     """Saves the state after ``step`` training steps (the next batch has index ``step``)."""
     self._latest.save(step, force=force, args=ocp.args.Composite(

@@ -98,6 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.classes_per_batch = 32
   c.samples_per_class = 4
   c.augment = config_dict.placeholder(bool)  # None = the dataset's paper default.
+  # How the classes are split (rankjax.data.Protocol); None = the dataset's default. The
+  # validation split (the last val_fraction of the training classes) chooses the best checkpoint;
+  # the test split is evaluated once, at the end.
+  c.protocol = ml_collections.ConfigDict()
+  c.protocol.val_fraction = config_dict.placeholder(float)
+  c.protocol.train_fraction = config_dict.placeholder(float)  # Folder datasets.
+  c.protocol.min_images_per_class = config_dict.placeholder(int)
+  c.protocol.train_classes = ()  # Folder datasets: explicit class folder names (with test_).
+  c.protocol.test_classes = ()
   # Class augmentation by rotation (Omniglot's standard recipe, Santoro et al. 2016; Vinyals et
   # al. 2016): each class of a training batch is turned by a random multiple of 90 degrees and
   # counted as a new class, so there are 4x as many training classes.
@@ -156,8 +165,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Evaluation on the held-out classes (rankjax.evaluation).
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 0  # 0 = only at the end.
-  c.eval.split = "test"
+  # Evaluate the validation split every this many steps and keep the best checkpoint (needs a
+  # validation split, protocol.val_fraction > 0); 0 = none. The final evaluation on eval.split
+  # then reports the best checkpoint.
+  c.eval.every = 0
+  c.eval.split = "test"  # The final evaluation, once, at the end.
   c.eval.batch_size = 256
   # Names for rankjax.evaluation.Evaluator: "recall@K" (any K), "map@r", "r_precision", "nmi".
   c.eval.metrics = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi")
@@ -255,6 +267,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
   check_rates_and_counts(config)
+  _check_protocol(config.protocol)
+  if config.eval.split not in ("train", "val", "test"):
+    raise ValueError(f"config.eval.split must be 'train', 'val' or 'test'; got "
+                     f"{config.eval.split!r}.")
   try:
     test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
   except ValueError as e:
@@ -298,6 +314,23 @@ def _get(config, dotted_key):
   for part in dotted_key.split("."):
     config = config[part]
   return config
+
+
+def _check_protocol(protocol: ml_collections.ConfigDict) -> None:
+  """Errors for fractions outside their range, a bad image minimum, one class list alone."""
+  if protocol.val_fraction is not None and not 0 <= protocol.val_fraction < 1:
+    raise ValueError(f"config.protocol.val_fraction must be in [0, 1); got "
+                     f"{protocol.val_fraction!r}.")
+  if protocol.train_fraction is not None and not 0 < protocol.train_fraction < 1:
+    raise ValueError(f"config.protocol.train_fraction must be in (0, 1); got "
+                     f"{protocol.train_fraction!r}.")
+  minimum = protocol.min_images_per_class
+  if minimum is not None and (not isinstance(minimum, int) or minimum < 1):
+    raise ValueError(f"config.protocol.min_images_per_class must be a positive integer; got "
+                     f"{minimum!r}.")
+  if bool(protocol.train_classes) != bool(protocol.test_classes):
+    raise ValueError("config.protocol.train_classes and test_classes go together: give both "
+                     "(class folder names) or neither.")
 
 
 def _check_keys(config, reference, prefix):
@@ -387,5 +420,52 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
     c.train.log_every = 2
     c.train.checkpoint_every = 2
     c.eval.every = 0
+    c.eval.batch_size = 16
+  return c
+
+
+# The flags of the CPU photo recipe (lfw, folder, and the offline variants of cub200 / cars196).
+CPU_PHOTO_FLAGS = ("runlocal",)
+
+
+def cpu_photo_recipe(dataset: str, loss: str, flags: set[str], *,
+                     image_size: int = 112) -> ml_collections.ConfigDict:
+  """Fine-tuning ImageNet EfficientNet-Lite0 on a photo or face folder, in minutes on a CPU.
+
+  The protocol every loss shares on the offline sets (``lfw``, ``cars196_half``,
+  ``cub200_first50``) and on any ``folder:PATH``: EfficientNet-Lite0 with its ImageNet weights
+  and frozen BatchNorm (Roth et al. 2020 freeze it too), a 128-d head, ``image_size`` px random
+  resized crops and flips, batches of 16 classes x 4 images (32 x 2 for the N-pair family), Adam
+  with the head at 10x the backbone's learning rate; the validation split (the last 20% of the
+  training classes) is evaluated four times and chooses the checkpoint whose test metrics are
+  reported. ``"runlocal"`` shrinks it to a few steps of a tiny network (smoke tests).
+  """
+  c = base_config()
+  c.dataset = dataset
+  c.image_size = image_size
+  c.classes_per_batch, c.samples_per_class = 16, 4
+  c.model.name = "efficientnet_lite0"
+  c.model.pretrained = "imagenet"
+  c.model.freeze_batchnorm = True
+  c.model.embedding_dim = 128
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.head_learning_rate = 1e-3
+  c.train.steps = 200
+  c.train.log_every = 10
+  c.train.checkpoint_every = 50
+  c.eval.every = 50
+  c.eval.batch_size = 128
+  with_loss(c, loss)
+  if "runlocal" in flags:
+    c.image_size = 32
+    c.classes_per_batch, c.samples_per_class = 4, 2
+    c.model.name = "resnet_tiny"
+    c.model.pretrained = None
+    c.model.freeze_batchnorm = False
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.eval.every = 2
     c.eval.batch_size = 16
   return c

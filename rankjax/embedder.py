@@ -40,7 +40,7 @@ def load_embedder(workdir: str, *, which: str = "latest",
   Args:
     workdir: the ``--workdir`` of a training run.
     which: ``"latest"`` (the final model when training finished) or ``"best"`` (the checkpoint
-      with the best ``config.eval.best_metric``).
+      with the best ``config.eval.best_metric`` on the validation split).
     batch_size: images per forward pass (default: the run's ``config.eval.batch_size``); any
       number of images can be passed, they are embedded in chunks of this size.
 
@@ -52,7 +52,8 @@ def load_embedder(workdir: str, *, which: str = "latest",
   """
   from rankjax import data  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir,
+                               protocol=config.protocol)
   model = train.build_model(config, info)
   _, eval_graphdef, params, model_state = train.split_model(model)
   variables, _ = checkpoint.restore_model(
@@ -73,7 +74,8 @@ def load_embedder(workdir: str, *, which: str = "latest",
     out = []
     for start in range(0, len(images), chunk):
       pixels = data.preprocess_for_eval(images[start:start + chunk], name=config.dataset,
-                                        image_size=config.image_size)
+                                        image_size=config.image_size,
+                                        num_channels=info.num_channels)
       out.append(np.asarray(jax.device_get(embed_fn(variables, pixels))))
     return np.concatenate(out) if out else np.zeros((0, config.model.embedding_dim), np.float32)
 

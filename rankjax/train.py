@@ -12,9 +12,16 @@ is computed on the *global* batch, so every anchor meets negatives from every de
 BatchNorm statistics are global (synchronised BatchNorm, by construction). One step on 8 devices
 therefore equals one step on 1 device with the same global batch.
 
-Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/`` (best
-``config.eval.best_metric``), see :mod:`rankjax.checkpoint`; TensorBoard scalars in
-``tensorboard/``; ``metrics.json`` with the final evaluation. :func:`rankjax.load_embedder` turns the directory into
+Protocol: every ``config.eval.every`` steps the *validation* split (classes carved from the
+training classes, :class:`rankjax.data.Protocol`) is evaluated and ``best/`` keeps the
+checkpoint with the best ``config.eval.best_metric``; at the end the test split
+(``config.eval.split``) is evaluated once, on that best checkpoint (or on the last state when
+there were no validation evaluations). The test split never chooses anything.
+
+Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/``, see
+:mod:`rankjax.checkpoint`; TensorBoard scalars in ``tensorboard/`` (``train/``, ``val/``,
+``test/``); ``metrics.json`` with the final evaluation and which checkpoint it is of
+(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics). :func:`rankjax.load_embedder` turns the directory into
 an embedding function.
 """
 
@@ -40,6 +47,7 @@ from rankjax import checkpoint
 from rankjax import configs
 from rankjax import diagnostics
 from rankjax import parallel
+from rankjax import seeding
 from rankjax import augment as device_augment
 from rankjax.evaluation import test_time
 
@@ -69,7 +77,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Config and logging (the evaluator first: a bad metric name fails before any work). ---
   configs.check_config(config)
   evaluator = evaluation.Evaluator(config.eval.metrics, distance=config.eval.distance,
-                                   chunk_size=config.eval.chunk_size, nmi_seed=config.seed)
+                                   chunk_size=config.eval.chunk_size,
+                                   nmi_seed=seeding.stream_seed(config.seed, "nmi"))
   _quiet_orbax_info_logs()
   if config.distributed:
     parallel.initialize_distributed()
@@ -88,7 +97,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Model and loss (names and sizes are checked before any data is read). ---
   loss_fn = losses.get_loss(config.loss.name, **configs.loss_kwargs(config))
   models.check_image_size(config.model.name, config.image_size)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  protocol = data.Protocol.from_config(config.protocol)
+  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir, protocol=protocol)
+  if config.eval.every and not info.val_classes:
+    raise ValueError(
+        f"config.eval.every={config.eval.every} evaluates the validation split to choose the best "
+        f"checkpoint, but {config.dataset!r} has none under this protocol: set "
+        "config.protocol.val_fraction > 0 (choosing by the test split would leak it), or "
+        "config.eval.every=0.")
   model = build_model(config, info)
   train_graphdef, eval_graphdef, params, model_state = split_model(model)
   logging.info("Model %s: %s parameters, %d-d embeddings (%s); loss %s %s.", config.model.name,
@@ -131,27 +147,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = data.train_batches(
       config.dataset, classes_per_batch=config.classes_per_batch,
       samples_per_class=config.samples_per_class, image_size=config.image_size,
-      seed=config.seed, data_dir=config.data_dir, augment=config.augment,
-      start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      seed=seeding.stream_seed(config.seed, "data"), data_dir=config.data_dir,
+      augment=config.augment, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), protocol=protocol)
 
   # --- Evaluators. ---
   embed = make_eval_embed_fn(eval_graphdef, config, mesh)
 
-  def evaluate(state: TrainState) -> dict[str, float]:
+  def evaluate(variables: dict, split: str) -> dict[str, float]:
     views = len(test_time.shift_offsets(config.eval.test_time_shift))
-    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", config.eval.split,
+    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", split,
                  f" in {views} shifted views" if views > 1 else "",
                  ", ".join(config.eval.metrics))
     start = time.perf_counter()
-    embeddings, labels = embed_split(embed, model_variables(state), mesh, config)
+    embeddings, labels = embed_split(embed, variables, mesh, config, split=split)
     logging.info("Embedded %d images in %.1f s.", len(labels), time.perf_counter() - start)
     return {name: float(value) for name, value in evaluator.run(embeddings, labels)}
 
   # --- Loop. ---
   progress = _Progress(total_steps, start_step, global_batch_size)
   window = []
-  metrics = None
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.global_batch(next(batches), mesh)
     state, step_metrics = train_step(state, batch)
@@ -167,22 +182,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             **progress.rates(prefix="perf/")})
     if step % config.train.checkpoint_every == 0 or step == total_steps:
       ckpts.save(step, model_variables(state), state["opt_state"], force=True)
-    if step == total_steps or (config.eval.every and step % config.eval.every == 0):
+    if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
       ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
-      metrics = evaluate(state)
-      logging.info("step %d eval on %s: %s", step, config.eval.split,
-                   " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-      writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-      ckpts.save_best(step, model_variables(state), metrics)
+      val_metrics = evaluate(model_variables(state), "val")
+      logging.info("step %d eval on val: %s", step,
+                   " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+      writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
+      ckpts.save_best(step, model_variables(state), val_metrics)
       progress.pause()  # Evaluation time is not training throughput.
 
-  if metrics is None:  # Already trained to the end (e.g. killed before metrics.json was written).
-    metrics = evaluate(state)
+  # --- The final evaluation, once: the best checkpoint by validation, else the last state. ---
   ckpts.wait()
+  report = {"checkpoint": "final", "checkpoint_step": int(state["step"])}
+  variables = model_variables(state)
+  if config.eval.every and ckpts.best_step is not None:
+    variables, best = checkpoint.restore_model(workdir, variables, which="best")
+    report = {"checkpoint": "best", "checkpoint_step": int(best["step"]),
+              "selected_by": f"val/{config.eval.best_metric}",
+              **{f"val/{k}": v for k, v in best["metrics"].items()}}
+  logging.info("Final evaluation on the %s split of the %s checkpoint (step %d).",
+               config.eval.split, report["checkpoint"], report["checkpoint_step"])
+  metrics = evaluate(variables, config.eval.split)
+  logging.info("%s: %s", config.eval.split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  writer.scalars(int(state["step"]), {f"{config.eval.split}/{k}": v for k, v in metrics.items()})
   ckpts.close()
   writer.close()
   if is_chief:
-    _write_json_atomically(os.path.join(workdir, METRICS_FILE), metrics)
+    _write_json_atomically(os.path.join(workdir, METRICS_FILE), {**metrics, **report})
   return metrics
 
 
@@ -209,7 +235,7 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
       pretrained=config.model.pretrained,
       backbone_options=config.model.backbone_options.to_dict() or None,
       num_proxies=num_proxies,
-      rngs=nnx.Rngs(config.seed))
+      rngs=nnx.Rngs(seeding.stream_key(config.seed, "init")))
 
 
 def split_model(model: nnx.Module):
@@ -369,17 +395,18 @@ def make_batch_transform(config: ml_collections.ConfigDict
 
   ``config.affine`` (a random rotation, scale and shift per image,
   :func:`rankjax.augment.random_affine`) comes first, then ``config.rotate_classes``
-  (:func:`rankjax.augment.rotate_classes`); each draws from its own key derived
-  from ``config.seed``.
+  (:func:`rankjax.augment.rotate_classes`); each draws from its own stream of ``config.seed``
+  (:mod:`rankjax.seeding`).
   """
   affine = dict(config.affine)
   transforms = []
   if not device_augment.is_identity(**affine):
     transforms.append(functools.partial(device_augment.random_affine,
-                                        key=jax.random.key(config.seed + 1), **affine))
+                                        key=seeding.stream_key(config.seed, "device_augment"),
+                                        **affine))
   if config.rotate_classes:
     transforms.append(functools.partial(device_augment.rotate_classes,
-                                        key=jax.random.key(config.seed)))
+                                        key=seeding.stream_key(config.seed, "rotate_classes")))
   if not transforms:
     return None
 
@@ -422,14 +449,19 @@ def make_eval_embed_fn(eval_graphdef: nnx.GraphDef, config: ml_collections.Confi
 
 
 def embed_split(embed: Callable, variables: dict, mesh: jax.sharding.Mesh,
-                config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """Embeds every image of ``config.eval.split`` once: ``(f32[N, E], int32[N])`` on the host."""
+                config: ml_collections.ConfigDict, *, split: str | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Embeds every image of ``split`` (default ``config.eval.split``) once, on the host.
+
+  Returns ``(f32[N, E], int32[N])``.
+  """
   from rankjax import data  # pylint: disable=g-import-not-at-top
   embeddings, labels = [], []
   for host_batch in data.eval_batches(
       config.dataset, batch_size=config.eval.batch_size, image_size=config.image_size,
-      split=config.eval.split, data_dir=config.data_dir, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+      split=split or config.eval.split, data_dir=config.data_dir,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      protocol=config.protocol):
     batch = parallel.global_batch(host_batch, mesh)
     out = parallel.to_host({"embedding": embed(variables, batch["image"]),
                             "label": batch["label"], "mask": batch["mask"]})

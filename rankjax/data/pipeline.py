@@ -168,11 +168,11 @@ def _dataset_options(threads: int | None) -> tf.data.Options:
 def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, image_size: int,
                   seed: int, data_dir=None, augment=None, start_step: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
-                  threads: int | None = None) -> Iterator[dict]:
+                  threads: int | None = None, protocol=None) -> Iterator[dict]:
   """Infinite iterator of class-balanced training batches (this host's part of the global one).
 
   Args:
-    name: one of :data:`~rankjax.data.DATASET_NAMES`.
+    name: a dataset name (:func:`rankjax.data.dataset_names`, or ``"folder:PATH"``).
     classes_per_batch: ``P`` distinct classes in the global batch (at most the number of
       training classes; divisible by ``process_count``).
     samples_per_class: ``K`` >= 2 samples of each class (N-pairs: ``K = 2``). A class with fewer
@@ -185,6 +185,8 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
     start_step: the step of the first batch (resume from a checkpoint).
     process_index, process_count: this host and the number of hosts (default: JAX's).
     threads: size of tf.data's private thread pool (default: all cores).
+    protocol: how the classes are split (:class:`~rankjax.data.datasets.Protocol`; ``None``:
+      the dataset's defaults); batches come from the ``"train"`` split.
 
   Yields:
     ``{"image": float32[P*K/n, S, S, C] normalised, "label": int32[P*K/n]}``, grouped by class
@@ -195,13 +197,14 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
       ``P`` not divisible by ``process_count``, other bad arguments.
     DatasetNotPreparedError: the TFDS dataset is not in ``data_dir``.
   """
-  spec = datasets.get_spec(name)
   size = _check_int("image_size", image_size, 1)
   start_step = _check_int("start_step", start_step, 0)
   seed = _check_int("seed", seed, -(1 << 63))
-  aug = _resolve_augment(augment, spec)
+  aug = _resolve_augment(augment, datasets.get_spec(name))
   source, positions, labels, sampler, (h, n) = _train_plan(
-      name, classes_per_batch, samples_per_class, seed, data_dir, process_index, process_count)
+      name, classes_per_batch, samples_per_class, seed, data_dir, process_index, process_count,
+      protocol)
+  spec = source.spec
   local_batch = sampler.batch_size
   slice_reads = n > 1
 
@@ -246,7 +249,7 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
 
 
 def _train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, process_index,
-                process_count):
+                process_count, protocol=None):
   """Checks the batch arguments; returns this host's positions, labels and sampler."""
   p = _check_int("classes_per_batch", classes_per_batch, 1)
   if isinstance(samples_per_class, (int, np.integer)) and not isinstance(samples_per_class, bool):
@@ -260,7 +263,7 @@ def _train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, proc
     raise ValueError(
         f"classes_per_batch={p} is not divisible by process_count={n}: each host draws P / "
         "process_count classes of its own.")
-  source = datasets.get_source(name, data_dir)
+  source = datasets.get_source(name, data_dir, protocol)
   train = source.positions("train")
   classes = np.unique(source.labels[train])
   if p > classes.size:
@@ -282,14 +285,15 @@ def _train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, proc
 
 
 def epoch_steps(name: str, *, classes_per_batch: int, samples_per_class: int, data_dir=None,
-                process_index: int | None = None, process_count: int | None = None) -> int:
+                process_index: int | None = None, process_count: int | None = None,
+                protocol=None) -> int:
   """Steps of :func:`train_batches` after which every training image has been drawn.
 
   ``ceil(C / P) * max_c ceil(n_c / K)`` over this host's classes (see
   :class:`~rankjax.data.sampling.ClassBalancedSampler`); the same for every seed.
   """
   sampler = _train_plan(name, classes_per_batch, samples_per_class, 0, data_dir, process_index,
-                        process_count)[3]
+                        process_count, protocol)[3]
   return sampler.steps_per_epoch
 
 
@@ -301,17 +305,20 @@ def _numpy_batches(sampler, images, labels, num_channels, start_step):
 
 def eval_batches(name: str, *, batch_size: int, image_size: int, split: str = "test",
                  data_dir=None, process_index: int | None = None,
-                 process_count: int | None = None, threads: int | None = None) -> Iterator[dict]:
+                 process_count: int | None = None, threads: int | None = None,
+                 protocol=None) -> Iterator[dict]:
   """One pass over the images of a class-disjoint split, each exactly once, in order.
 
   Args:
-    name: one of :data:`~rankjax.data.DATASET_NAMES`.
+    name: a dataset name (:func:`rankjax.data.dataset_names`, or ``"folder:PATH"``).
     batch_size: the global batch size (divisible by ``process_count``).
     image_size: side ``S`` of the square images (evaluation preprocessing: resize, centre crop).
-    split: ``"test"`` (the unseen classes) or ``"train"`` (the training classes).
+    split: ``"test"`` (the unseen classes), ``"val"`` (the validation classes, carved from the
+      training classes) or ``"train"`` (the classes that train).
     data_dir: the TFDS data directory (``None``: TFDS's default).
     process_index, process_count: this host and the number of hosts (default: JAX's).
     threads: size of tf.data's private thread pool (default: all cores).
+    protocol: how the classes are split (see :func:`train_batches`).
 
   Yields:
     ``{"image": float32[B/n, S, S, C], "label": int32[B/n], "mask": bool[B/n]}``: host ``h``
@@ -319,14 +326,14 @@ def eval_batches(name: str, *, batch_size: int, image_size: int, split: str = "t
     (``mask`` False, ``label`` -1, image 0) so every host yields the same number of batches and
     no image is dropped or repeated.
   """
-  spec = datasets.get_spec(name)
   batch_size = _check_int("batch_size", batch_size, 1)
   size = _check_int("image_size", image_size, 1)
   h, n = sampling.check_process(process_index, process_count)
   if batch_size % n:
     raise ValueError(f"batch_size={batch_size} is not divisible by process_count={n}.")
   local_batch = batch_size // n
-  source = datasets.get_source(name, data_dir)
+  source = datasets.get_source(name, data_dir, protocol)
+  spec = source.spec
   positions = source.positions(split)
   if not positions.size:
     raise ValueError(f"The {split!r} split of {name!r} has no images.")
@@ -359,7 +366,7 @@ def _stream_eval(source, positions, size, local_batch, slice_reads, threads):
   ds = ds.batch(local_batch).prefetch(2).with_options(_dataset_options(threads))
   offset = 0
   for images, labels in ds.as_numpy_iterator():
-    expected = source.labels[positions[offset:offset + labels.size]]
+    expected = source.raw_labels[positions[offset:offset + labels.size]]
     if labels.size != expected.size or np.any(labels != expected):
       raise RuntimeError(
           f"The evaluation read of {spec.name!r} returned records that differ from the label "
@@ -392,7 +399,8 @@ def _padded(chunks, labels, local_batch, num_batches, size, channels, name):
            "mask": np.zeros([local_batch], bool)}
 
 
-def preprocess_for_eval(images, *, name: str, image_size: int) -> np.ndarray:
+def preprocess_for_eval(images, *, name: str, image_size: int,
+                        num_channels: int | None = None) -> np.ndarray:
   """The evaluation preprocessing of ``name`` applied to decoded images (for exported embedders).
 
   Args:
@@ -401,11 +409,18 @@ def preprocess_for_eval(images, *, name: str, image_size: int) -> np.ndarray:
       Digits are the 8 x 8 x 1 uint8 images ``round(v * 255 / 16)`` of ``load_digits``.
     name: the dataset whose preprocessing to apply.
     image_size: the side ``S`` the model was trained at.
+    num_channels: the dataset's channels (``DatasetInfo.num_channels``); needed for folder
+      datasets, whose channels come from their images.
 
   Returns:
     float32 [B, S, S, C]: exactly what :func:`eval_batches` feeds the model.
   """
   spec = datasets.get_spec(name)
+  if num_channels is not None:
+    spec = dataclasses.replace(spec, num_channels=_check_int("num_channels", num_channels, 1))
+  if spec.num_channels is None:
+    raise ValueError(f"Dataset {name!r} takes its channels from its images: pass num_channels "
+                     "(DatasetInfo.num_channels).")
   size = _check_int("image_size", image_size, 1)
   images = np.asarray(images)
   if images.dtype != np.uint8:
