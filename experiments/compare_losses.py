@@ -45,7 +45,7 @@ FLAGS = flags.FLAGS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds the data here.
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sweep  # noqa: E402  # pylint: disable=wrong-import-position
 
 ALL_LOSSES = tuple(sweep.LOSS_LABELS)
 
@@ -276,8 +276,8 @@ def define_flags():
   flags.DEFINE_integer("steps", None, "Training steps per run (default: sweep.SWEEP_DEFAULTS for "
                        "the dataset, else the config's).")
   flags.DEFINE_integer("eval_every", None, "Evaluate on the validation classes every this many "
-                       "steps (they choose each run's checkpoint), "
-                       "for the Recall@1 curve (default: 5 points per run where the dataset has a validation split, "
+                       "steps (they choose each run's checkpoint), for the Recall@1 curve "
+                       "(default: 5 points per run where the dataset has a validation split, "
                        "else 0).")
   sweep.define_common_flags(
       "Keep each finished run's checkpoints (needed for rankjax.load_embedder on it); by default "
@@ -295,7 +295,7 @@ def main(argv):
     raise app.UsageError(f"--seeds must be integers; got {FLAGS.seeds}.") from e
   if not FLAGS.losses or not seeds:
     raise app.UsageError("--losses and --seeds must each name at least one.")
-  unknown = [l for l in FLAGS.losses if l not in ALL_LOSSES]
+  unknown = [name for name in FLAGS.losses if name not in ALL_LOSSES]
   if unknown:
     raise app.UsageError(f"--losses: unknown {unknown}; the losses are {', '.join(ALL_LOSSES)}.")
   output_dir = FLAGS.output_dir or os.path.join(sweep.RESULTS_DIR, FLAGS.dataset)

@@ -9,9 +9,9 @@ command line, e.g. ``--config.train.steps=200 --config.loss.name=npairs
 Loss hyper-parameters live in one section per loss (``config.loss.<name>``) so that switching
 ``config.loss.name`` never passes one loss's margin to another. Their defaults are the papers':
 
-=================  ==================================================  ============================
+================== ==================================================  ============================
 ``loss.name``      defaults                                            source
-=================  ==================================================  ============================
+================== ==================================================  ============================
 contrastive        pos_margin=0, neg_margin=1.0, euclidean             Hadsell et al. 2006
 triplet_semihard   margin=0.2, euclidean, L2-normalised embeddings     Schroff et al. 2015 (FaceNet)
 triplet_hard       margin=0.2 (batch hard)                             Hermans et al. 2017
@@ -29,8 +29,7 @@ supcon             temperature=0.1                                     Khosla et
 arcface            scale=64, margin_degrees=28.6 (0.5 rad)             Deng et al. 2019
 cosface            scale=64, margin=0.35                               Wang et al. 2018 (CosFace)
 subcenter_arcface  scale=64, margin_degrees=28.6, sub_centers=3        Deng et al. 2020
-=================  ==================================================  ============================
-
+=================  ==================================================  =====================
 Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
 (``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
 ``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe);
@@ -49,6 +48,8 @@ normalisation is irrelevant to them.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from typing import Sequence
 
 import ml_collections
@@ -264,7 +265,7 @@ def normalize_embeddings(config: ml_collections.ConfigDict) -> bool:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` for a key that :func:`base_config` lacks (a misspelling) or a bad value."""
+  """Raises ``ValueError`` for a key :func:`base_config` lacks (a misspelling) or a bad value."""
   _check_keys(config, base_config(), prefix="")
   check_loss_name(config.loss.name)
   if config.optimizer.name not in OPTIMIZERS:
@@ -276,15 +277,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.best_metric not in config.eval.metrics:
     raise ValueError(f"config.eval.best_metric={config.eval.best_metric!r} is not one of "
                      f"config.eval.metrics {tuple(config.eval.metrics)}.")
-  for key in ("train.steps", "train.log_every", "train.checkpoint_every", "eval.batch_size",
-              "classes_per_batch", "samples_per_class", "image_size"):
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    if key == "train.steps" and value == 0:
-      continue  # Evaluates the network as it is, untrained.
+  for key in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "eval.batch_size", "classes_per_batch", "samples_per_class", "image_size"):
+    value = _get(config, key)
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
+  check_rates_and_counts(config)
   _check_protocol(config.protocol)
   if config.eval.split not in ("train", "val", "test"):
     raise ValueError(f"config.eval.split must be 'train', 'val' or 'test'; got "
@@ -297,6 +295,41 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     device_augment.check_affine(**config.affine)
   except ValueError as e:
     raise ValueError(f"config.affine: {e}") from None
+
+
+def check_rates_and_counts(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` for a learning rate that is not positive, or a negative weight decay,
+  clipping norm or step count (``train.steps=0`` is valid: it evaluates the untrained network)."""
+  opt = config.optimizer
+  for key in ("learning_rate", "head_learning_rate", "proxy_learning_rate"):
+    if opt[key] is None and key != "learning_rate":
+      continue  # Unset: follows learning_rate.
+    if not _is_number(opt[key]) or not opt[key] > 0:
+      raise ValueError(f"config.optimizer.{key} must be a positive number; got {opt[key]!r} (at "
+                       f"0 nothing trains, below 0 the loss is climbed instead of descended).")
+  if not _is_number(opt.decay_factor) or not opt.decay_factor > 0:
+    raise ValueError(f"config.optimizer.decay_factor must be a positive number; got "
+                     f"{opt.decay_factor!r}.")
+  for key in ("weight_decay", "grad_clip_norm"):
+    if not _is_number(opt[key]) or not opt[key] >= 0:
+      raise ValueError(f"config.optimizer.{key} must be 0 (off) or positive; got {opt[key]!r}.")
+  counts = {"train.steps": config.train.steps, "optimizer.warmup_steps": opt.warmup_steps,
+            "eval.every": config.eval.every}
+  counts.update({f"optimizer.decay_steps[{i}]": s for i, s in enumerate(opt.decay_steps)})
+  for key, value in counts.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ValueError(f"config.{key} must be a non-negative integer; got {value!r}.")
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _get(config, dotted_key):
+  for part in dotted_key.split("."):
+    config = config[part]
+  return config
 
 
 def _check_protocol(protocol: ml_collections.ConfigDict) -> None:
@@ -339,9 +372,9 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
                     eval_every: int, checkpoint_every: int) -> ml_collections.ConfigDict:
   """The fine-grained / SOP recipe of Roth, Milbich et al. 2020, shared by cub200, cars196 and sop.
 
-  ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5 with
-  weight decay 4e-4, bfloat16 compute. Two other published recipes replace the batch, optimizer
-  and loss settings (the backbone stays Roth et al.'s):
+  ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5
+  with weight decay 4e-4, bfloat16 compute. Two other published recipes replace the batch,
+  optimizer and loss settings (the backbone stays Roth et al.'s):
 
   * ``"wang2017"``: the N-pairs / angular recipe of Wang et al. 2017, "Deep Metric Learning with
     Angular Loss" (ICCV): batches of 64 classes x 2 images, a 512-d embedding, alpha = 45 degrees

@@ -5,16 +5,16 @@ consumer folds a fixed stream id into that root key, so the streams of one seed 
 of each other and no two seeds share a stream (seed ``s``'s augmentation is never seed
 ``s + 1``'s initialisation, as it would be with ``seed + 1`` offsets).
 
-=================  ======================================================================
+================== ======================================================================
 stream             used by
-=================  ======================================================================
+================== ======================================================================
 ``init``           the network's initialisation (``nnx.Rngs``)
 ``data``           the P x K schedule and the tf.data augmentation (rankjax.data)
 ``device_augment`` the on-device affine augmentation (rankjax.augment.random_affine)
 ``rotate_classes`` the class rotations (rankjax.augment.rotate_classes)
 ``loss``           losses that sample (e.g. distance-weighted sampling), one key per step
 ``nmi``            k-means++ of the NMI metric
-=================  ======================================================================
+================== ======================================================================
 
 Example::
 

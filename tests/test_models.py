@@ -399,9 +399,10 @@ def keras_resnet50():
   """A Keras ResNet50 with random weights, and random BatchNorm statistics and conv biases.
 
   Keras initialises the statistics to (0, 1) and the biases to 0; randomising them makes the test
-  see the bias folding, the epsilon and the statistics mapping.
+  see the bias folding, the epsilon and the statistics mapping. Keras is in the ``test`` extra, so
+  these tests run wherever the test suite does (an import error, not a skip, when it is missing).
   """
-  keras = pytest.importorskip("keras")
+  import keras  # pylint: disable=g-import-not-at-top
   model = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg")
   rng = np.random.default_rng(0)
   for layer in model.layers:
@@ -447,7 +448,7 @@ def test_keras_resnet50_import_reproduces_keras_features(keras_resnet50, convert
 
 
 def test_pretrained_imagenet_offline_error_and_cache(monkeypatch, tmp_path, converted_file):
-  keras = pytest.importorskip("keras")
+  import keras  # pylint: disable=g-import-not-at-top
 
   def no_internet(*args, **kwargs):
     raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- "

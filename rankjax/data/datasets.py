@@ -5,15 +5,15 @@ Deep metric learning is evaluated zero-shot: the test classes are never seen in 
 Musgrave et al., "A Metric Learning Reality Check", ECCV 2020). A dataset here is a pool of
 TFDS splits plus two disjoint label ranges:
 
-========  ================================  ===========================  ============
+========  ================================  ============================ ============
 name      source (TFDS splits pooled)       train labels                 test labels
-========  ================================  ===========================  ============
+========  ================================  ============================ ============
 cub200    ``caltech_birds2011`` train+test  0-99 (5,864 images)          100-199
 cars196   ``cars196`` train+test            0-97                         98-195
 sop       ``stanford_online_products``      ``class_id`` 0-11317 (train)  11318-22633
 omniglot  ``omniglot`` train+test           0-963 (background)           964-1622
 digits    scikit-learn ``load_digits``      0-4                          5-9
-========  ================================  ===========================  ============
+========  ================================  ============================ ============
 
 **Image folders.** ``"folder:PATH"`` is the folder ``PATH`` of class subfolders of images
 (:mod:`rankjax.data.image_folder`: prepared once as TFRecords in ``data_dir``, then read like
