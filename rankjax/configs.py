@@ -29,7 +29,8 @@ supcon             temperature=0.1                                     Khosla et
 arcface            scale=64, margin_degrees=28.6 (0.5 rad)             Deng et al. 2019
 cosface            scale=64, margin=0.35                               Wang et al. 2018 (CosFace)
 subcenter_arcface  scale=64, margin_degrees=28.6, sub_centers=3        Deng et al. 2020
-=================  ==================================================  =====================
+================== ==================================================  ============================
+
 Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
 (``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
 ``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe);
