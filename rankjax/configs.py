@@ -25,9 +25,10 @@ proxy_anchor       alpha=32, delta=0.1                                 Kim et al
 normalized_softmax temperature=0.05                                    Zhai & Wu 2019
 =================  ==================================================  ============================
 
-Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
-(``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
-``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe).
+Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training label, held by the loss
+(:mod:`rankjax.loss_params`, ``state["loss_params"]`` in training; with ``rotate_classes`` each
+turned class has its own), trained at ``optimizer.proxy_learning_rate``, by default 100x the
+network's (Proxy-Anchor's recipe).
 
 ``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
 N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
@@ -44,6 +45,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from rankjax import augment as device_augment
+from rankjax import loss_params
 from rankjax.evaluation import test_time
 
 # The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
@@ -204,19 +206,23 @@ def check_loss_name(name: str) -> None:
 
 
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``."""
+  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``.
+
+  Keys of the section that configure the loss's learned parameters
+  (:func:`rankjax.loss_params.config_keys`, e.g. a learning rate) are left out.
+  """
   check_loss_name(config.loss.name)
-  return dict(config.loss[config.loss.name].to_dict())
+  own = set(loss_params.config_keys(config.loss.name))
+  return {k: v for k, v in config.loss[config.loss.name].to_dict().items() if k not in own}
 
 
-def num_proxies(config: ml_collections.ConfigDict, train_classes: int) -> int:
-  """Proxies the model needs: one per training label (x4 with ``rotate_classes``), or 0.
+def num_train_labels(config: ml_collections.ConfigDict, train_classes: int) -> int:
+  """Distinct training labels: the training classes, x4 with ``rotate_classes``.
 
   ``train_classes``: the dataset's training classes, labelled ``0 .. train_classes - 1``
-  (rankjax.data's convention for every dataset).
+  (rankjax.data's convention for every dataset). A loss with one parameter row per class (class
+  proxies) has this many rows.
   """
-  if config.loss.name not in PROXY_LOSSES:
-    return 0
   return train_classes * (4 if config.rotate_classes else 1)
 
 

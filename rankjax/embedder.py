@@ -49,11 +49,13 @@ def load_embedder(workdir: str, *, which: str = "latest",
   :func:`rankjax.data.preprocess_for_eval`) and returns numpy ``float32[B, E]`` embeddings,
   computed in eval mode (BatchNorm running averages) on the default device, with the run's
   test-time shifts (``config.eval.test_time_shift``): the embeddings its metrics were computed on.
+  The dataset itself is not needed: the model is rebuilt from the config and the dataset's spec
+  (its channels), and the checkpoint holds nothing of the loss that the embedder would need.
   """
   from rankjax import data  # pylint: disable=g-import-not-at-top
+  from rankjax.data import datasets  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
-  model = train.build_model(config, info)
+  model = train.build_model(config, datasets.get_spec(config.dataset))
   _, eval_graphdef, params, model_state = train.split_model(model)
   variables, _ = checkpoint.restore_model(
       workdir, {"params": params, "model_state": model_state}, which=which)
