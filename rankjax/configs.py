@@ -125,6 +125,13 @@ def base_config() -> ml_collections.ConfigDict:
   for name, kwargs in LOSS_DEFAULTS.items():
     c.loss[name] = ml_collections.ConfigDict(kwargs)
 
+  # Cross-batch memory (rankjax.cross_batch; Wang et al. 2020): from step `start_step` on, the loss
+  # also compares each batch with the embeddings of the last `size` training images, that term
+  # weighted by `weight`. Pair-based losses only (contrastive, triplet, multi-similarity).
+  # Defaults: the authors' code's.
+  c.xbm = ml_collections.ConfigDict(
+      {"enabled": False, "size": 8192, "start_step": 2000, "weight": 1.0})
+
   # Optimizer (optax).
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
@@ -260,6 +267,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       value = value[part]
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
+  _check_xbm(config)
   try:
     test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
   except ValueError as e:
@@ -268,6 +276,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     device_augment.check_affine(**config.affine)
   except ValueError as e:
     raise ValueError(f"config.affine: {e}") from None
+
+
+def _check_xbm(config):
+  if not config.xbm.enabled:
+    return
+  from rankjax import cross_batch  # pylint: disable=g-import-not-at-top
+  cross_batch.check_loss(config.loss.name)
+  batch = config.classes_per_batch * config.samples_per_class
+  size, start, weight = config.xbm.size, config.xbm.start_step, config.xbm.weight
+  if not isinstance(size, int) or size < batch:
+    raise ValueError(f"config.xbm.size must be an integer of at least the global batch ({batch}); "
+                     f"got {size!r}.")
+  if not isinstance(start, int) or start < 0:
+    raise ValueError(f"config.xbm.start_step must be an integer >= 0; got {start!r}.")
+  if not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+    raise ValueError(f"config.xbm.weight must be a finite number >= 0; got {weight!r}.")
 
 
 def _check_keys(config, reference, prefix):

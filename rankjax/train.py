@@ -38,6 +38,7 @@ from flax import nnx
 
 from rankjax import checkpoint
 from rankjax import configs
+from rankjax import cross_batch
 from rankjax import diagnostics
 from rankjax import loss_params as loss_params_lib
 from rankjax import parallel
@@ -52,7 +53,8 @@ LOSS_PARAMS = "loss"
 
 # A training state: plain nested dicts of arrays, so checkpoints do not depend on NNX internals.
 #   {"step": i32[], "params": {...}, "model_state": {...}, "opt_state": optax state,
-#    "loss_params": {keyword: array} (the loss's own parameters, e.g. class proxies)}
+#    "loss_params": {keyword: array} (the loss's own parameters, e.g. class proxies),
+#    "xbm": the cross-batch memory, with config.xbm.enabled (rankjax.cross_batch)}
 TrainState = dict[str, Any]
 
 
@@ -114,11 +116,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedules = make_optimizer(
       config.optimizer, trainable_params(params, loss_params), total_steps,
       loss_learning_rates=loss_params_lib.learning_rates(config.loss.name, config))
-  state = init_state(params, model_state, tx, loss_params=loss_params)
+  memory = cross_batch.settings(config)
+  state = init_state(params, model_state, tx, loss_params=loss_params, xbm=None if memory is None
+                     else cross_batch.init_memory(memory.size, config.model.embedding_dim))
+  if memory is not None:
+    logging.info("Cross-batch memory of %d embeddings from step %d on, weight %g.", memory.size,
+                 memory.start_step, memory.weight)
   batch_transform = make_batch_transform(config)
   train_step, state_sharding = parallel.jit_data_parallel(
       make_train_step(train_graphdef, loss_fn, tx, schedules, diagnostics_kwargs(config),
-                      batch_transform=batch_transform),
+                      batch_transform=batch_transform, memory=memory),
       state, mesh)
   state = jax.device_put(state, state_sharding)
 
@@ -249,11 +256,19 @@ def split_model(model: nnx.Module):
 
 
 def init_state(params: Any, model_state: Any, tx: optax.GradientTransformation, *,
-               loss_params: dict[str, jax.Array] | None = None) -> TrainState:
-  """The train state before the first step (``loss_params``: the loss's own, if it has any)."""
+               loss_params: dict[str, jax.Array] | None = None,
+               xbm: dict[str, jax.Array] | None = None) -> TrainState:
+  """The train state before the first step.
+
+  ``loss_params``: the loss's own parameters, if it has any; ``xbm``: an empty cross-batch
+  memory (:func:`rankjax.cross_batch.init_memory`) when training with one.
+  """
   loss_params = dict(loss_params or {})
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-          "opt_state": tx.init(trainable_params(params, loss_params)), "loss_params": loss_params}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+           "opt_state": tx.init(trainable_params(params, loss_params)), "loss_params": loss_params}
+  if xbm is not None:
+    state["xbm"] = xbm
+  return state
 
 
 def trainable_params(params: Any, loss_params: dict[str, jax.Array]) -> dict[str, Any]:
@@ -273,7 +288,8 @@ def model_variables(state: TrainState) -> dict[str, Any]:
 
 
 def training_variables(state: TrainState) -> dict[str, Any]:
-  """What only training needs (checkpointed to resume): optimizer state, the loss's parameters."""
+  """What only training needs (checkpointed to resume): optimizer state, the loss's parameters,
+  the cross-batch memory."""
   return {k: v for k, v in state.items() if k not in ("step", "params", "model_state")}
 
 
@@ -378,7 +394,8 @@ def diagnostics_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
                     schedules: dict[str, optax.Schedule], diagnostic_kwargs: dict[str, Any], *,
-                    batch_transform: Callable[[dict, jax.Array], dict] | None = None
+                    batch_transform: Callable[[dict, jax.Array], dict] | None = None,
+                    memory: cross_batch.MemorySettings | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
 
@@ -386,7 +403,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   :mod:`rankjax.parallel` (train_and_evaluate does). ``metrics`` holds the loss, the gradient norm,
   the learning rates and :func:`rankjax.diagnostics.batch_diagnostics` of the batch.
   ``batch_transform(batch, step)``, if given, augments the batch on the device first (e.g.
-  :func:`make_batch_transform`).
+  :func:`make_batch_transform`). With ``memory``, the loss adds its term against the cross-batch
+  memory ``state["xbm"]`` (:func:`rankjax.cross_batch.loss_with_memory`), which the step updates,
+  and ``metrics["xbm_loss"]`` is that term.
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -397,20 +416,27 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
       model = nnx.merge(graphdef, params, state["model_state"])
       embeddings = model(batch["image"]).astype(jnp.float32)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-      loss = loss_fn(embeddings, batch["label"], **trainable.get(LOSS_PARAMS, {}))
-      return loss, (embeddings, new_model_state)
+      options = trainable.get(LOSS_PARAMS, {})
+      if memory is None:
+        return loss_fn(embeddings, batch["label"], **options), (embeddings, new_model_state, {})
+      loss, xbm, memory_loss = cross_batch.loss_with_memory(
+          loss_fn, embeddings, batch["label"], state["xbm"], state["step"], memory, **options)
+      return loss, (embeddings, new_model_state, {"xbm": xbm, "xbm_loss": memory_loss})
 
     trainable = trainable_params(state["params"], state["loss_params"])
-    (loss, (embeddings, model_state)), grads = jax.value_and_grad(
+    (loss, (embeddings, model_state, with_memory)), grads = jax.value_and_grad(
         compute_loss, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     loss_params = trainable.pop(LOSS_PARAMS, {})
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, **({"xbm_loss": with_memory["xbm_loss"]} if memory else {}),
+               "grad_norm": optax.tree.norm(grads),
                **{f"lr/{k}": s(state["step"]) for k, s in schedules.items()},
                **diagnostics.batch_diagnostics(embeddings, batch["label"], **diagnostic_kwargs)}
     new_state = {"step": state["step"] + 1, "params": trainable, "model_state": model_state,
                  "opt_state": opt_state, "loss_params": loss_params}
+    if memory is not None:
+      new_state["xbm"] = with_memory["xbm"]
     return new_state, metrics
 
   return step
