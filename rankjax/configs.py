@@ -31,13 +31,13 @@ cosface            scale=64, margin=0.35                               Wang et a
 subcenter_arcface  scale=64, margin_degrees=28.6, sub_centers=3        Deng et al. 2020
 ================== ==================================================  ============================
 
-Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
-(``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
-``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe);
-sub-center ArcFace learns ``sub_centers`` proxies per class (``f32[C, sub_centers, D]``).
-The margin loss draws its negatives at random and takes a new PRNG key at every step
-(:data:`rankjax.losses.LOSSES_NEEDING_KEY`); ``loss.margin.beta`` is its :math:`\beta`, the
-initial value where :math:`\beta` is learned (the paper learns one per class).
+Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training label, held by the loss
+(:mod:`rankjax.loss_params`, ``state["loss_params"]`` in training; with ``rotate_classes`` each
+turned class has its own), trained at ``optimizer.proxy_learning_rate``, by default 100x the
+network's (Proxy-Anchor's recipe); sub-center ArcFace learns ``sub_centers`` proxies per class
+(``f32[C, sub_centers, D]``). The margin loss draws its negatives at random and takes a new PRNG
+key at every step (:data:`rankjax.losses.LOSSES_NEEDING_KEY`); ``loss.margin.beta`` is its
+:math:`\beta`.
 
 ``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
 N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
@@ -57,6 +57,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from rankjax import augment as device_augment
+from rankjax import loss_params
 from rankjax.evaluation import test_time
 
 # The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
@@ -72,7 +73,10 @@ LOSS_DEFAULTS: dict[str, dict] = {
     "multi_similarity": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
     "proxy_anchor": dict(alpha=32.0, delta=0.1),
     "normalized_softmax": dict(temperature=0.05),
-    "margin": dict(margin=0.2, beta=1.2, nu=0.0, cutoff=0.5, nonzero_loss_cutoff=1.4),
+    # beta_learning_rate: the learned beta's own step (an Adam-scale rate; the paper trains beta with
+    # SGD at 0.1 on a gradient scaled by 1 / batch).
+    "margin": dict(margin=0.2, beta=1.2, nu=0.0, cutoff=0.5, nonzero_loss_cutoff=1.4,
+                   beta_learning_rate=1e-3),
     "supcon": dict(temperature=0.1),
     "arcface": dict(scale=64.0, margin_degrees=28.6),
     "cosface": dict(scale=64.0, margin=0.35),
@@ -150,6 +154,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "triplet_semihard"
   for name, kwargs in LOSS_DEFAULTS.items():
     c.loss[name] = ml_collections.ConfigDict(kwargs)
+
+  # Cross-batch memory (rankjax.cross_batch; Wang et al. 2020): from step `start_step` on, the loss
+  # also compares each batch with the embeddings of the last `size` training images, that term
+  # weighted by `weight`. Pair-based losses only (contrastive, triplet, multi-similarity).
+  # Defaults: the authors' code's.
+  c.xbm = ml_collections.ConfigDict(
+      {"enabled": False, "size": 8192, "start_step": 2000, "weight": 1.0})
 
   # Optimizer (optax).
   c.optimizer = ml_collections.ConfigDict()
@@ -235,19 +246,23 @@ def check_loss_name(name: str) -> None:
 
 
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``."""
+  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``.
+
+  Keys of the section that configure the loss's learned parameters
+  (:func:`rankjax.loss_params.config_keys`, e.g. a learning rate) are left out.
+  """
   check_loss_name(config.loss.name)
-  return dict(config.loss[config.loss.name].to_dict())
+  own = set(loss_params.config_keys(config.loss.name))
+  return {k: v for k, v in config.loss[config.loss.name].to_dict().items() if k not in own}
 
 
-def num_proxies(config: ml_collections.ConfigDict, train_classes: int) -> int:
-  """Proxies the model needs: one per training label (x4 with ``rotate_classes``), or 0.
+def num_train_labels(config: ml_collections.ConfigDict, train_classes: int) -> int:
+  """Distinct training labels: the training classes, x4 with ``rotate_classes``.
 
   ``train_classes``: the dataset's training classes, labelled ``0 .. train_classes - 1``
-  (rankjax.data's convention for every dataset).
+  (rankjax.data's convention for every dataset). A loss with one parameter row per class (class
+  proxies) has this many rows.
   """
-  if config.loss.name not in PROXY_LOSSES:
-    return 0
   return train_classes * (4 if config.rotate_classes else 1)
 
 
@@ -288,6 +303,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.split not in ("train", "val", "test"):
     raise ValueError(f"config.eval.split must be 'train', 'val' or 'test'; got "
                      f"{config.eval.split!r}.")
+  _check_xbm(config)
   try:
     test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
   except ValueError as e:
@@ -348,6 +364,20 @@ def _check_protocol(protocol: ml_collections.ConfigDict) -> None:
   if bool(protocol.train_classes) != bool(protocol.test_classes):
     raise ValueError("config.protocol.train_classes and test_classes go together: give both "
                      "(class folder names) or neither.")
+def _check_xbm(config):
+  if not config.xbm.enabled:
+    return
+  from rankjax import cross_batch  # pylint: disable=g-import-not-at-top
+  cross_batch.check_loss(config.loss.name)
+  batch = config.classes_per_batch * config.samples_per_class
+  size, start, weight = config.xbm.size, config.xbm.start_step, config.xbm.weight
+  if not isinstance(size, int) or size < batch:
+    raise ValueError(f"config.xbm.size must be an integer of at least the global batch ({batch}); "
+                     f"got {size!r}.")
+  if not isinstance(start, int) or start < 0:
+    raise ValueError(f"config.xbm.start_step must be an integer >= 0; got {start!r}.")
+  if not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+    raise ValueError(f"config.xbm.weight must be a finite number >= 0; got {weight!r}.")
 
 
 def _check_keys(config, reference, prefix):

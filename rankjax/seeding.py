@@ -9,6 +9,7 @@ of each other and no two seeds share a stream (seed ``s``'s augmentation is neve
 stream             used by
 ================== ======================================================================
 ``init``           the network's initialisation (``nnx.Rngs``)
+``loss_params``    the loss's own parameters (class proxies), rankjax.loss_params
 ``data``           the P x K schedule and the tf.data augmentation (rankjax.data)
 ``device_augment`` the on-device affine augmentation (rankjax.augment.random_affine)
 ``rotate_classes`` the class rotations (rankjax.augment.rotate_classes)
@@ -29,7 +30,7 @@ import zlib
 import jax
 import numpy as np
 
-STREAMS = ("init", "data", "device_augment", "rotate_classes", "loss", "nmi")
+STREAMS = ("init", "loss_params", "data", "device_augment", "rotate_classes", "loss", "nmi")
 
 
 def _stream_id(name: str) -> int:

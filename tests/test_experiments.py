@@ -293,10 +293,9 @@ def test_omniglot_probe_candidates_build_valid_models(study):
     model = train.build_model(config, info)
     models.check_image_size(config.model.name, config.image_size)
     assert model.backbone.num_features in (64, 128, 256, 512)
-    proxies = configs.num_proxies(config, 964)
-    assert proxies == (0 if config.loss.name not in configs.PROXY_LOSSES
-                       else 964 * (4 if config.rotate_classes else 1))
-    assert getattr(model, "proxies", jnp.zeros((0, 1))).shape[0] == proxies
+    proxies = train.init_loss_params(config, info).get("proxies", jnp.zeros((0, 1)))
+    assert proxies.shape[0] == (0 if config.loss.name not in configs.PROXY_LOSSES
+                                else 964 * (4 if config.rotate_classes else 1))
   with pytest.raises(Exception, match="Unknown candidate 'vgg'"):
     omniglot_probes.candidate_config(study, "vgg", steps=7, data_dir=None)
 

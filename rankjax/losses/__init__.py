@@ -8,10 +8,13 @@ by name with :func:`get_loss`::
     value = loss_fn(embeddings, labels)
 
 The proxy-based losses (:data:`PROXY_LOSSES`) also take learned class proxies,
-``loss_fn(embeddings, labels, proxies=f32[C, D])`` (sub-center ArcFace: ``f32[C, K, D]``);
-rankjax.train keeps them in the model (``EmbeddingModel.proxies``) and trains them with the
-network. The losses of :data:`LOSSES_NEEDING_KEY` draw random samples and take a PRNG key per
-call, ``loss_fn(embeddings, labels, key=jax.random.fold_in(root, step))``.
+``loss_fn(embeddings, labels, proxies=f32[C, D])`` (sub-center ArcFace: ``f32[C, K, D]``); they
+belong to the loss (:mod:`rankjax.loss_params`), and rankjax.train keeps them in its state and
+trains them with the network. The losses of :data:`LOSSES_NEEDING_KEY` draw random samples and
+take a PRNG key per call, ``loss_fn(embeddings, labels, key=jax.random.fold_in(root, step))``.
+The pair-based losses (contrastive, triplet, multi-similarity, margin, supcon) accept a reference
+set, ``loss_fn(embeddings, labels, ref_embeddings=f32[M, D], ref_labels=int[M])``, which is how a
+cross-batch memory (:mod:`rankjax.cross_batch`) plugs in.
 """
 
 from __future__ import annotations

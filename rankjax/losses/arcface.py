@@ -52,7 +52,7 @@ def arcface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array
     scale: :math:`s > 0`.
     margin_degrees: :math:`m` in degrees, in ``[0, 180)``.
     precision: matmul precision of the cosines (``jax.lax.Precision.HIGHEST`` by default; see
-      :func:`rankjax.similarity.cosine_similarities_with_precision`).
+      :func:`rankjax.similarity.cosine_similarities`).
 
   Returns:
     ``f32[]``; 0 for an empty batch. Finite for zero vectors and at :math:`\theta = 0` or
@@ -68,7 +68,7 @@ def arcface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   proxies = proxy_losses.check_proxies(proxies, embeddings, labels)
   m = _check_margin_degrees(margin_degrees)
-  cosines = similarity.cosine_similarities_with_precision(embeddings, proxies,
+  cosines = similarity.cosine_similarities(embeddings, proxies,
                                                           precision=precision)
   return _arcface_cross_entropy(cosines, labels, scale, m)
 
@@ -118,7 +118,7 @@ def subcenter_arcface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies:
   proxies = proxy_losses.check_proxy_values(proxies, labels)
   m = _check_margin_degrees(margin_degrees)
   num_classes = proxies.shape[0]
-  cosines = similarity.cosine_similarities_with_precision(
+  cosines = similarity.cosine_similarities(
       embeddings, proxies.reshape(num_classes * sub_centers, -1), precision=precision)
   cosines = jnp.max(cosines.reshape(-1, num_classes, sub_centers), axis=2)
   return _arcface_cross_entropy(cosines, labels, scale, m)

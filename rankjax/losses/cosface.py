@@ -32,7 +32,7 @@ def cosface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array
     scale: :math:`s > 0`.
     margin: :math:`m \ge 0`.
     precision: matmul precision of the cosines (``jax.lax.Precision.HIGHEST`` by default; see
-      :func:`rankjax.similarity.cosine_similarities_with_precision`).
+      :func:`rankjax.similarity.cosine_similarities`).
 
   Returns:
     ``f32[]``; 0 for an empty batch.
@@ -47,7 +47,7 @@ def cosface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   proxies = proxy_losses.check_proxies(proxies, embeddings, labels)
   similarity.check_nonnegative(margin, "margin")
-  cosines = similarity.cosine_similarities_with_precision(embeddings, proxies,
+  cosines = similarity.cosine_similarities(embeddings, proxies,
                                                           precision=precision)
   return proxy_losses.margin_softmax_cross_entropy(cosines, labels, target_fn=lambda c: c - margin,
                                                    scale=scale)

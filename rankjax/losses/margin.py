@@ -81,7 +81,7 @@ def margin_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2
     ref_embeddings: ``f32[M, D]`` or None (the batch).
     ref_labels: ``int[M]``, given with ``ref_embeddings``.
     precision: matmul precision of the distances (``jax.lax.Precision.HIGHEST`` by default; see
-      :func:`rankjax.similarity.cosine_similarities_with_precision`).
+      :func:`rankjax.similarity.cosine_similarities`).
 
   Returns:
     ``f32[]``; 0 when no pair term is non-zero (e.g. no positive pair). Gradients flow to the
@@ -111,7 +111,7 @@ def margin_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2
   # Each positive pair (a, p) draws one negative; drawn[a, n] counts the pairs of anchor a that
   # drew n, so that the loss needs no gather (made block by block: one B x M matrix).
   dim = embeddings.shape[1]
-  drawn = _count_draws(key, jax.lax.stop_gradient(d), ~same, positive,
+  drawn = _count_draws(key, jax.lax.stop_gradient(d), ~same & ~self_pairs, positive,
                        lambda d, negative: _probabilities(d, negative, dim, cutoff,
                                                           nonzero_loss_cutoff))
   pull = jnp.where(positive, jax.nn.relu(margin + d - anchor_beta), 0.0)
@@ -147,7 +147,7 @@ def negative_sampling_probabilities(embeddings: jax.Array, labels: jax.Array, *,
   refs, ref_labels, self_pairs = similarity.reference_set(embeddings, labels, ref_embeddings,
                                                           ref_labels)
   d = unit_sphere_distances(embeddings, refs, self_pairs, precision=precision)
-  negative = ~similarity.same_label_mask(labels, ref_labels)
+  negative = ~similarity.same_label_mask(labels, ref_labels) & ~self_pairs
   return _probabilities(d, negative, embeddings.shape[1], cutoff, nonzero_loss_cutoff)
 
 
@@ -200,7 +200,7 @@ def unit_sphere_distances(embeddings: jax.Array, refs: jax.Array, self_pairs: ja
   A zero vector stays at the origin (distance 1 to unit vectors); the gradient is finite at
   distance 0.
   """
-  cosines = similarity.cosine_similarities_with_precision(embeddings, refs, precision=precision)
+  cosines = similarity.cosine_similarities(embeddings, refs, precision=precision)
   norms_x = jnp.sum(jnp.square(similarity.l2_normalize(embeddings)), axis=1)
   norms_r = jnp.sum(jnp.square(similarity.l2_normalize(refs)), axis=1)
   squared = norms_x[:, None] + norms_r[None, :] - 2.0 * cosines

@@ -40,7 +40,7 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float 
     ref_embeddings: ``f32[M, D]`` or None (the batch).
     ref_labels: ``int[M]``, given with ``ref_embeddings``.
     precision: matmul precision of the similarities (``jax.lax.Precision.HIGHEST`` by default;
-      see :func:`rankjax.similarity.cosine_similarities_with_precision`).
+      see :func:`rankjax.similarity.cosine_similarities`).
 
   Returns:
     ``f32[]``; 0 when no anchor has a positive.
@@ -57,7 +57,7 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float 
   refs, ref_labels, self_pairs = similarity.reference_set(embeddings, labels, ref_embeddings,
                                                           ref_labels)
   _common.check_positive(temperature, "temperature")
-  logits = similarity.cosine_similarities_with_precision(
+  logits = similarity.cosine_similarities(
       embeddings, refs, precision=precision) / temperature
   others = ~self_pairs
   positive = similarity.same_label_mask(labels, ref_labels) & others

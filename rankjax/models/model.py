@@ -126,24 +126,16 @@ class EmbeddingModel(nnx.Module):
   ``model.train()`` normalises with batch statistics and updates the running averages,
   ``model.eval()`` uses the running averages (a model built with ``freeze_batchnorm=True`` uses
   them in both modes). The two submodules let an optimizer give the head its own learning rate by
-  parameter path (``backbone/...`` vs ``head/...``).
-
-  With ``num_proxies > 0`` the model also holds ``proxies: f32[num_proxies, embedding_dim]``, one
-  learned vector per training class for the proxy-based losses (rankjax.losses.PROXY_LOSSES),
-  drawn from a standard normal (the losses normalise them). The forward pass does not use them.
+  parameter path (``backbone/...`` vs ``head/...``). A loss's own parameters (class proxies) are
+  not here: they belong to the loss (:mod:`rankjax.loss_params`).
   """
 
   def __init__(self, backbone: nnx.Module, head: EmbeddingHead, *, model_name: str,
-               num_channels: int, num_proxies: int = 0, rngs: nnx.Rngs | None = None):
+               num_channels: int):
     self.backbone = backbone
     self.head = head
     self.model_name = model_name
     self.num_channels = num_channels
-    if num_proxies:
-      if rngs is None:
-        raise ValueError("EmbeddingModel needs rngs to initialise its proxies.")
-      embedding_dim = head.projection.out_features
-      self.proxies = nnx.Param(jax.random.normal(rngs.params(), (num_proxies, embedding_dim)))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     images = jnp.asarray(images)
@@ -161,8 +153,7 @@ class EmbeddingModel(nnx.Module):
 def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
               pooling: str = "avg", normalize: bool = False, freeze_batchnorm: bool = False,
               dtype=jnp.float32, pretrained: str | os.PathLike | None = None,
-              rngs: nnx.Rngs | int, backbone_options: dict | None = None,
-              num_proxies: int = 0) -> EmbeddingModel:
+              rngs: nnx.Rngs | int, backbone_options: dict | None = None) -> EmbeddingModel:
   """Builds the encoder ``name`` with an embedding head.
 
   Args:
@@ -183,8 +174,6 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     rngs: ``nnx.Rngs`` (or an integer seed) for the initialisation.
     backbone_options: extra keyword arguments of the backbone class, e.g.
       ``{"widths": (64, 128, 256, 512)}`` for ``small_resnet``.
-    num_proxies: learned class proxies for a proxy-based loss (one per training class), held as
-      ``model.proxies``; 0 for none.
 
   Returns:
     An :class:`EmbeddingModel`, in training mode.
@@ -203,7 +192,6 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     raise ValueError(f"dtype={dtype!r} is not a dtype.") from None
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating-point compute dtype; got {dtype}.")
-  num_proxies = _integer(num_proxies, "num_proxies", minimum=0, what="a non-negative integer")
   options = dict(backbone_options or {})
 
   weights_file = None
@@ -249,5 +237,4 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     weights.load_weights(backbone, weights_file, architecture=name)
   head = EmbeddingHead(backbone.num_features, embedding_dim, pooling=pooling,
                        normalize=normalize, rngs=rngs)
-  return EmbeddingModel(backbone, head, model_name=name, num_channels=num_channels,
-                        num_proxies=num_proxies, rngs=rngs)
+  return EmbeddingModel(backbone, head, model_name=name, num_channels=num_channels)
