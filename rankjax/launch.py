@@ -25,6 +25,7 @@ This is for testing and debugging a distributed job on one machine; on a cluster
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import re
@@ -35,21 +36,6 @@ import sys
 import threading
 import time
 from typing import Sequence, TextIO
-
-from absl import app
-from absl import flags
-
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes to start.", lower_bound=1)
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", None, "CPU devices per process (default: the processes use JAX's default "
-    "platform and devices).", lower_bound=1)
-_TIMEOUT = flags.DEFINE_float(
-    "timeout", None, "Stop every process and fail after this many seconds (default: no limit).",
-    lower_bound=0)
-_GRACE = flags.DEFINE_float(
-    "grace", 5.0, "Seconds between SIGTERM and SIGKILL when stopping the processes.",
-    lower_bound=0)
-flags.mark_flag_as_required("num_processes")
 
 TIMEOUT_EXIT_CODE = 124
 _FORCED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\S*")
@@ -194,26 +180,49 @@ def stop(procs: Sequence[subprocess.Popen], *, grace: float) -> None:
     p.wait()
 
 
-def main(argv: Sequence[str]) -> int:
-  main_args = list(argv[1:])
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  """``(launcher options, rankjax.main flags)`` from ``LAUNCHER FLAGS -- MAIN FLAGS``."""
+  parser = argparse.ArgumentParser(
+      prog="python -m rankjax.launch", description=__doc__.splitlines()[0],
+      usage="%(prog)s --num_processes=N [--cpu_devices=D] [--timeout=S] -- <rankjax.main flags>")
+  parser.add_argument("--num_processes", type=int, required=True, help="processes to start")
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="CPU devices per process (default: JAX's default platform and devices)")
+  parser.add_argument("--timeout", type=float, default=None,
+                      help="stop every process and fail after this many seconds")
+  parser.add_argument("--grace", type=float, default=5.0,
+                      help="seconds between SIGTERM and SIGKILL when stopping the processes")
+  argv = list(argv)
+  split = argv.index("--") if "--" in argv else len(argv)
+  args = parser.parse_args(argv[:split])
+  main_args = argv[split + 1:]
+  if args.num_processes < 1 or (args.cpu_devices is not None and args.cpu_devices < 1):
+    parser.error("--num_processes and --cpu_devices must be at least 1.")
+  if (args.timeout is not None and args.timeout <= 0) or args.grace < 0:
+    parser.error("--timeout must be positive and --grace not negative.")
   if not main_args:
-    raise app.UsageError("Give the flags of rankjax.main after `--`, e.g. `python -m "
-                         "rankjax.launch --num_processes=2 -- --config=... --workdir=...`.")
+    parser.error("give the flags of rankjax.main after `--`, e.g. `python -m rankjax.launch "
+                 "--num_processes=2 -- --config=... --workdir=...`.")
   reserved = [a for a in main_args if a.split("=")[0].lstrip("-") in
               ("coordinator_address", "num_processes", "process_id", "cpu_devices")]
   if reserved:
-    raise app.UsageError(f"{' '.join(reserved)}: the launcher sets these itself; pass "
-                         "--num_processes and --cpu_devices before `--`.")
+    parser.error(f"{' '.join(reserved)}: the launcher sets these itself; pass --num_processes "
+                 "and --cpu_devices before `--`.")
+  return args, main_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, main_args = parse_args(sys.argv[1:] if argv is None else argv)
   port = free_port()
-  commands = process_commands(_NUM_PROCESSES.value, main_args, port=port,
-                              cpu_devices=_CPU_DEVICES.value)
-  print(f"[launch] {_NUM_PROCESSES.value} processes, coordinator 127.0.0.1:{port}: "
+  commands = process_commands(args.num_processes, main_args, port=port,
+                              cpu_devices=args.cpu_devices)
+  print(f"[launch] {args.num_processes} processes, coordinator 127.0.0.1:{port}: "
         f"{' '.join(commands[0][2:])}", flush=True)
-  code = run(commands, env=process_environment(_CPU_DEVICES.value), timeout=_TIMEOUT.value,
-             grace=_GRACE.value)
+  code = run(commands, env=process_environment(args.cpu_devices), timeout=args.timeout,
+             grace=args.grace)
   print(f"[launch] {'done' if code == 0 else f'failed (exit code {code})'}.", flush=True)
   return code
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

@@ -7,6 +7,7 @@ their environment. All of them train tests/multiprocess_digits.py (the digits co
 two data shards), so the job is the same whatever the number of processes.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -127,22 +128,33 @@ def test_main_refuses_a_process_id_outside_the_job():
   assert code != 0 and "--process_id must be smaller than --num_processes" in log, log[-2000:]
 
 
+def _job_once(tmp_path_factory, name, command):
+  """Runs ``command(workdir)`` once per test session, even across pytest-xdist workers."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # The session's directory, shared by its workers.
+  workdir, result = root / name, root / f"{name}.json"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not result.exists():
+      code, log = _run(command(str(workdir)))
+      result.write_text(json.dumps({"code": code, "log": log}))
+  job = json.loads(result.read_text())
+  assert job["code"] == 0, job["log"][-5000:]
+  return str(workdir), job["log"]
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
   """The reference job: 2 processes x 2 CPU devices, uninterrupted. ``(workdir, log)``."""
-  workdir = str(tmp_path_factory.mktemp("two_processes"))
-  code, log = _run(_launch_command(workdir, 2, 2))
-  assert code == 0, log[-5000:]
-  return workdir, log
+  return _job_once(tmp_path_factory, "two_processes", lambda w: _launch_command(w, 2, 2))
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
   """The same job in 1 process x 4 CPU devices (plain ``rankjax.main``). ``(workdir, log)``."""
-  workdir = str(tmp_path_factory.mktemp("one_process"))
-  code, log = _run(_main_command(workdir, "--cpu_devices=4"))
-  assert code == 0, log[-5000:]
-  return workdir, log
+  return _job_once(tmp_path_factory, "one_process",
+                   lambda w: _main_command(w, "--cpu_devices=4"))
 
 
 def test_two_processes_train_as_one_process_with_as_many_devices(two_processes, one_process):
