@@ -109,8 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a training run reads, at its default; unlocked so experiment files can edit it."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Multi-host: call jax.distributed.initialize() before anything touches the devices.
+  # Multi-host: call jax.distributed.initialize() before anything touches the devices (the same
+  # as `python -m rankjax.main --distributed`, for code that calls train_and_evaluate itself).
   c.distributed = False
+  # The training classes are dealt into this many data shards, each drawing classes_per_batch /
+  # data_shards classes a step; every process reads only the shards it holds (rankjax.data).
+  # The global batches depend on this number, not on the number of processes: fix it (to a
+  # multiple of every process count the run may use) to get the same training on any topology.
+  # None = one shard per process.
+  c.data_shards = config_dict.placeholder(int)
 
   # Input (rankjax.data): P classes x K samples per global batch.
   c.dataset = "omniglot"
@@ -304,6 +311,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.eval.split must be 'train', 'val' or 'test'; got "
                      f"{config.eval.split!r}.")
   _check_xbm(config)
+  shards = config.data_shards
+  if shards is not None and (not isinstance(shards, int) or shards <= 0 or
+                             config.classes_per_batch % shards):
+    raise ValueError(f"config.data_shards must be None or a positive integer that divides "
+                     f"config.classes_per_batch={config.classes_per_batch}; got {shards!r}.")
   try:
     test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
   except ValueError as e:

@@ -88,6 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _quiet_orbax_info_logs()
   if config.distributed:
     parallel.initialize_distributed()
+  parallel.check_same_config(config, workdir)  # Every process of a job runs the same experiment.
   is_chief = jax.process_index() == 0
   total_steps = config.train.steps
 
@@ -166,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       samples_per_class=config.samples_per_class, image_size=config.image_size,
       seed=seeding.stream_seed(config.seed, "data"), data_dir=config.data_dir,
       augment=config.augment, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count(), protocol=protocol)
+      process_count=jax.process_count(), num_shards=config.data_shards, protocol=protocol)
 
   # --- Evaluators. ---
   embed = make_eval_embed_fn(eval_graphdef, config, mesh)
@@ -536,22 +537,23 @@ def embed_split(embed: Callable, variables: dict, mesh: jax.sharding.Mesh,
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Embeds every image of ``split`` (default ``config.eval.split``) once, on the host.
 
-  Returns ``(f32[N, E], int32[N])``.
+  Returns ``(f32[N, E], int32[N])``. With several processes each embeds its shard; every process
+  gets all ``N`` embeddings, in the split's own order (so the metrics equal a single process's).
   """
   from rankjax import data  # pylint: disable=g-import-not-at-top
-  embeddings, labels = [], []
+  outs = []
   for host_batch in data.eval_batches(
       config.dataset, batch_size=config.eval.batch_size, image_size=config.image_size,
       split=split or config.eval.split, data_dir=config.data_dir,
       process_index=jax.process_index(), process_count=jax.process_count(),
       protocol=config.protocol):
     batch = parallel.global_batch(host_batch, mesh)
-    out = parallel.to_host({"embedding": embed(variables, batch["image"]),
-                            "label": batch["label"], "mask": batch["mask"]})
-    keep = np.asarray(out["mask"]).astype(bool)
-    embeddings.append(np.asarray(out["embedding"])[keep])
-    labels.append(np.asarray(out["label"])[keep])
-  return np.concatenate(embeddings), np.concatenate(labels)
+    outs.append(parallel.to_host({"embedding": embed(variables, batch["image"]),
+                                  "label": batch["label"], "mask": batch["mask"]}))
+  out = {k: parallel.process_order(np.concatenate([o[k] for o in outs]), config.eval.batch_size)
+         for k in outs[0]}
+  keep = out["mask"].astype(bool)
+  return out["embedding"][keep], out["label"][keep]
 
 
 # ---------------------------------------------------------------------------------------------

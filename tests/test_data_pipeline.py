@@ -262,3 +262,36 @@ def test_augmentation_options_on_an_in_memory_dataset():
   assert not np.array_equal(augmented[1]["image"], augmented[2]["image"])
   disabled = next(data.train_batches("digits", augment={"enabled": False}, **kwargs))
   np.testing.assert_array_equal(disabled["image"], plain["image"])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_data_shards_make_the_global_batch_independent_of_the_process_count(augment):
+  # One process holding both data shards yields what two processes, one shard each, yield
+  # together: the same classes, images and (augmented) crops, in the same order.
+  kwargs = dict(classes_per_batch=4, samples_per_class=3, image_size=16, seed=3, augment=augment,
+                num_shards=2)
+  alone = data.train_batches("digits", process_index=0, process_count=1, **kwargs)
+  pair = [data.train_batches("digits", process_index=h, process_count=2, **kwargs)
+          for h in range(2)]
+  for _ in range(3):
+    parts = [next(it) for it in pair]
+    batch = next(alone)
+    _check_p_by_k(batch, 4, 3, range(5))
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))
+    assert set(parts[0]["label"].tolist()) <= {0, 2, 4} and set(parts[1]["label"]) <= {1, 3}
+  # The default, one shard per process, is the single-shard schedule on one process.
+  default = next(data.train_batches("digits", **{**kwargs, "num_shards": None}))
+  one = next(data.train_batches("digits", **{**kwargs, "num_shards": 1}))
+  np.testing.assert_array_equal(default["image"], one["image"])
+
+
+def test_data_shard_errors():
+  kwargs = dict(samples_per_class=2, image_size=16, seed=0)
+  with pytest.raises(ValueError, match="num_shards=3 is not a multiple of process_count=2"):
+    data.train_batches("digits", classes_per_batch=3, num_shards=3, process_index=0,
+                       process_count=2, **kwargs)
+  with pytest.raises(ValueError, match="classes_per_batch=5 is not divisible by num_shards=2"):
+    data.train_batches("digits", classes_per_batch=5, num_shards=2, **kwargs)
+  with pytest.raises(ValueError, match="num_shards must be >= 1; got 0"):
+    data.train_batches("digits", classes_per_batch=4, num_shards=0, **kwargs)
