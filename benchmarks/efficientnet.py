@@ -8,15 +8,19 @@ Two tables:
    CPU (``layers.depthwise_shift_conv``), and PyTorch's ``Conv2d(groups=C)``.
 2. The full train step (forward in training mode, semi-hard triplet loss on the L2-normalised
    128-d embeddings of the batch, backward, Adam) of ``efficientnet_lite0``, batch 64, at each
-   ``--sizes``, with all blocks trained and with the stem and the first N MBConv blocks frozen
+   ``--sizes``: BatchNorm on batch statistics; then frozen BatchNorm (the fine-tuning recipe)
+   with the stem and the first N MBConv blocks frozen for each ``--frozen`` N
    (``backbone_options={"frozen_blocks": N}``: no backward through them, their weights outside the
-   optimizer), beside PyTorch with the same blocks frozen (``requires_grad=False``, run under
-   ``no_grad``). Images/s, best of ``--repeats`` x ``--steps`` steps, on one fixed batch.
+   optimizer); each beside PyTorch with the same BatchNorm mode and the same blocks frozen
+   (``requires_grad=False``, run under ``no_grad``). At ``--route_size`` two more rankjax rows
+   switch ``layers.CPU_ROUTES``: the depthwise route off (lax's grouped convolution) and 1x1
+   convolutions as matrix products on. Images/s, best of ``--repeats`` x ``--steps`` steps, on one
+   fixed batch.
 
 ::
 
   python benchmarks/efficientnet.py
-  python benchmarks/efficientnet.py --sizes=96 --frozen=0 --steps=3 --no-depthwise   # quicker
+  python benchmarks/efficientnet.py --sizes 96 --frozen 0 --route_size=0 --no-depthwise  # quicker
 
 The PyTorch twin (:func:`torch_lite0`) is written from the architecture (TensorFlow "SAME"
 padding, BatchNorm epsilon 1e-3, ReLU6, no squeeze-and-excitation) with the parameter names of
@@ -50,12 +54,15 @@ BATCH = 64
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_lite0(*, frozen_blocks: int = 0, embedding_dim: int | None = None):
+def torch_lite0(*, frozen_blocks: int = 0, freeze_batchnorm: bool = False,
+                embedding_dim: int | None = None):
   """EfficientNet-Lite0 in PyTorch; ``forward`` gives logits, or embeddings with a head.
 
   Args:
     frozen_blocks: the stem and this many MBConv blocks get ``requires_grad=False`` and run under
       ``torch.no_grad()`` (in eval mode, so their BatchNorm uses its running averages).
+    freeze_batchnorm: every BatchNorm uses its running averages in training mode too (its scale
+      and bias stay trainable), as rankjax's ``freeze_batchnorm``.
     embedding_dim: replace the classifier by ``Linear(1280, embedding_dim)`` and L2-normalise, as
       rankjax's embedding head does.
   """
@@ -122,6 +129,10 @@ def torch_lite0(*, frozen_blocks: int = 0, embedding_dim: int | None = None):
       super().train(mode)
       for module in self.frozen:
         module.eval()
+      if freeze_batchnorm:
+        for module in self.modules():
+          if isinstance(module, nn.BatchNorm2d):
+            module.eval()
       return self
 
     def features(self, x):
@@ -248,31 +259,50 @@ def depthwise_table(image_size):
           f"{g / s:>8.1f}x {t / s:>10.2f}x", flush=True)
 
 
-def train_step_table(sizes, frozen, steps, repeats):
+def train_step_table(sizes, frozen, steps, repeats, route_size):
+  """Rows per size: BatchNorm on batch statistics, then frozen BatchNorm (the fine-tuning recipe)
+  with ``frozen`` leading blocks frozen; at ``route_size``, the recipe's step with the depthwise
+  route off (lax's grouped convolution) and with 1x1 convolutions as matrix products."""
   print(f"\nTrain step of efficientnet_lite0 (random init), batch {BATCH}, semi-hard triplet "
         f"loss, Adam; images/s, best of {repeats} x {steps} steps")
-  print(f"{'size':>4} {'frozen blocks':>13} {'rankjax img/s':>13} {'PyTorch img/s':>13} "
-        f"{'ratio':>6} {'vs all trained':>14}")
+  print(f"{'size':>4} {'BatchNorm':<9} {'frozen blocks':>13} {'CPU routes':<26} "
+        f"{'rankjax img/s':>13} {'PyTorch img/s':>13} {'ratio':>6} {'vs row 1':>8}")
+  default_routes = layers.CPU_ROUTES
   for size in sizes:
-    full = None
-    for n in frozen:
-      run, _ = train_step.jax_step("efficientnet_lite0", image_size=size, channels=3, batch=BATCH,
-                                   dtype="float32", backbone_options={"frozen_blocks": n})
+    rows = [("batch", 0, default_routes)] + [("frozen", n, default_routes) for n in frozen]
+    if size == route_size:
+      rows += [("frozen", 0, default_routes - {"depthwise"}),
+               ("frozen", 0, default_routes | {"pointwise"})]
+    first = None
+    for bn, n, routes in rows:
+      layers.CPU_ROUTES = routes
+      try:
+        run, _ = train_step.jax_step(
+            "efficientnet_lite0", image_size=size, channels=3, batch=BATCH, dtype="float32",
+            backbone_options={"frozen_blocks": n}, freeze_batchnorm=bn == "frozen")
+      finally:
+        layers.CPU_ROUTES = default_routes
       jax_ips = train_step.images_per_second(run, BATCH, steps=steps, repeats=repeats)
-      trun = train_step.torch_step(
-          "efficientnet_lite0", image_size=size, channels=3, batch=BATCH, device="cpu",
-          bf16=False, build=lambda c, n=n: torch_lite0(frozen_blocks=n, embedding_dim=128))
-      torch_ips = (train_step.images_per_second(trun, BATCH, steps=steps, repeats=repeats)
-                   if trun else float("nan"))
-      full = full or jax_ips
-      print(f"{size:>4} {n:>13} {jax_ips:>13.1f} {torch_ips:>13.1f} {jax_ips / torch_ips:>6.2f} "
-            f"{jax_ips / full:>13.2f}x", flush=True)
+      torch_ips = float("nan")
+      if routes == default_routes:  # PyTorch has one route; it runs beside the default rows.
+        build = lambda c, n=n, bn=bn: torch_lite0(frozen_blocks=n, embedding_dim=128,
+                                                  freeze_batchnorm=bn == "frozen")
+        trun = train_step.torch_step("efficientnet_lite0", image_size=size, channels=3,
+                                     batch=BATCH, device="cpu", bf16=False, build=build)
+        torch_ips = train_step.images_per_second(trun, BATCH, steps=steps, repeats=repeats)
+      first = first or jax_ips
+      print(f"{size:>4} {bn:<9} {n:>13} {'+'.join(sorted(routes)):<26} {jax_ips:>13.1f} "
+            f"{torch_ips:>13.1f} {jax_ips / torch_ips:>6.2f} {jax_ips / first:>7.2f}x",
+            flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
-  parser.add_argument("--frozen", type=int, nargs="+", default=[0, 3, 5, 8])
+  parser.add_argument("--frozen", type=int, nargs="+", default=[0, 3, 5, 8],
+                      help="Leading MBConv blocks frozen, one row each (frozen BatchNorm).")
+  parser.add_argument("--route_size", type=int, default=96,
+                      help="The size whose rows also switch the CPU routes (0: none).")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--depthwise_size", type=int, default=128)
@@ -296,7 +326,7 @@ def main():
   if args.depthwise:
     depthwise_table(args.depthwise_size)
   if args.train_step:
-    train_step_table(args.sizes, args.frozen, args.steps, args.repeats)
+    train_step_table(args.sizes, args.frozen, args.steps, args.repeats, args.route_size)
   print(f"load average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

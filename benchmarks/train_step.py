@@ -53,7 +53,7 @@ PEAK_BF16_FLOPS = {
 
 
 def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options=None,
-             num_devices=1):
+             num_devices=1, freeze_batchnorm=False):
   """``(run(n) -> seconds for n steps, forward FLOPs per image)`` for the rankjax train step.
 
   The step runs data-parallel over the first ``num_devices`` devices (the batch split among them).
@@ -61,6 +61,7 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   config = configs.base_config()
   config.model.name = model_name
   config.model.dtype = dtype
+  config.model.freeze_batchnorm = freeze_batchnorm
   config.model.embedding_dim = 128
   config.image_size = image_size
   if backbone_options:

@@ -207,6 +207,26 @@ def test_depthwise_route_matches_lax_grouped_conv_values_and_gradients(size, ker
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_route_when_switched_on_matches_lax(monkeypatch, stride):
+  x, w = _images((2, 7, 6, 5)), _images((1, 1, 5, 3), seed=1)
+  numbers = ("NHWC", "HWIO", "NHWC")
+  ours = lambda w, x: layers.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                                  dimension_numbers=numbers)
+  ref = lambda w, x: jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                                  dimension_numbers=numbers)
+  # Off by default. (A fresh function for each check: JAX caches traces by function.)
+  assert "conv_general_dilated" in _primitives(lambda w, x: ours(w, x), w, x)
+  monkeypatch.setattr(layers, "CPU_ROUTES", layers.CPU_ROUTES | {"pointwise"})
+  assert "conv_general_dilated" not in _primitives(lambda w, x: ours(w, x), w, x)
+  np.testing.assert_allclose(ours(w, x), ref(w, x), rtol=1e-5, atol=1e-5)
+  cotangent = _images(ref(w, x).shape, seed=2)
+  for arg in (0, 1):
+    g_ours = jax.grad(lambda w, x: jnp.sum(ours(w, x) * cotangent), argnums=arg)(w, x)
+    g_ref = jax.grad(lambda w, x: jnp.sum(ref(w, x) * cotangent), argnums=arg)(w, x)
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_depthwise_route_takes_only_depthwise_convolutions():
   x = _images((2, 6, 6, 4))
   args = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -129,6 +129,10 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, strides: int 
 # way (benchmarks/small_convolutions.py).
 _PATCH_MATMUL_MAX_OUTPUT = 2
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# The CPU routes of conv_general_dilated that are on: "patches" (outputs of at most 2x2),
+# "depthwise" (shifted-slice sums) and, off by default, "pointwise" (a 1x1 convolution as one
+# matrix product). Benchmarks switch them to measure each against lax.
+CPU_ROUTES = frozenset({"patches", "depthwise"})
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
@@ -188,12 +192,15 @@ def _cpu_route(lhs, rhs, strides, padding, dimension_numbers, *, dilations, grou
   kh, kw, kernel_in, kernel_out = rhs.shape
   if groups != 1:
     depthwise = groups == lhs.shape[3] == kernel_out and kernel_in == 1
-    return "depthwise" if depthwise and kh * kw > 1 else None
+    return "depthwise" if depthwise and kh * kw > 1 and "depthwise" in CPU_ROUTES else None
   (top, bottom), (left, right) = padding
+  if kh * kw == 1:
+    unpadded = top == bottom == left == right == 0
+    return "patches" if unpadded and "pointwise" in CPU_ROUTES else None
   out_h = (lhs.shape[1] + top + bottom - kh) // strides[0] + 1
   out_w = (lhs.shape[2] + left + right - kw) // strides[1] + 1
-  small = kh * kw > 1 and 0 < max(out_h, out_w) <= _PATCH_MATMUL_MAX_OUTPUT
-  return "patches" if small else None
+  small = 0 < max(out_h, out_w) <= _PATCH_MATMUL_MAX_OUTPUT
+  return "patches" if small and "patches" in CPU_ROUTES else None
 
 
 def _shifted_slices(x, kh: int, kw: int, strides, padding):
