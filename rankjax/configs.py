@@ -152,7 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.normalize = config_dict.placeholder(bool)  # None = the loss's convention.
   c.model.freeze_batchnorm = False
   c.model.dtype = "float32"  # Compute dtype; parameters and the loss stay float32.
-  c.model.pretrained = config_dict.placeholder(str)  # "imagenet" (resnet50) or a weights file.
+  # "imagenet" (resnet50, efficientnet_lite0) or a weights file.
+  c.model.pretrained = config_dict.placeholder(str)
   # Extra keyword arguments of the backbone class, e.g. {"width": 64} for conv4.
   c.model.backbone_options = ml_collections.ConfigDict()
 
