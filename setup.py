@@ -46,7 +46,8 @@ DOCS_REQUIRE = [
 ]
 
 EXTRAS_REQUIRE = {
-    # The jax build for an accelerator (JAX's own extras); the CPU build comes with the base install.
+    # The jax build for an accelerator (JAX's own extras); the CPU build comes with the base
+    # install.
     "cuda12": ["jax[cuda12]"],
     "cuda13": ["jax[cuda13]"],
     "tpu": ["jax[tpu]"],

@@ -171,8 +171,8 @@ def _folder_rows(folder: str) -> list[tuple[str, float, float]]:
                  *_time(rankjax_pipeline(threads, name, data_dir=data_dir), _BATCHES.value)))
   # cub200's TFDS builder holds labels 0-199: the first 100 folder classes fit its train half.
   keep = labels < 100
-  records = {"train": [testing.FakeRecord(j, int(l), "train")
-                       for j, l, k in zip(jpegs, labels, keep) if k], "test": []}
+  records = {"train": [testing.FakeRecord(j, int(y), "train")
+                       for j, y, k in zip(jpegs, labels, keep) if k], "test": []}
   with testing.mock_data("cub200", records=records):
     for threads in (1, 2):
       rows.append((f"rankjax train_batches on TFDS records (same JPEGs), {threads} thread(s)",
@@ -190,7 +190,7 @@ def _generated_rows() -> list[tuple[str, float, float]]:
         f"{os.cpu_count()} CPUs visible; batch {_P} x {_K} at {_IMAGE_SIZE.value} px; "
         f"{_BATCHES.value} batches timed per row.", flush=True)
   labels = np.arange(_NUM_IMAGES.value) % 50  # 50 training classes of CUB (labels 0-99)
-  records = {"train": [testing.FakeRecord(j, int(l), "train") for j, l in zip(jpegs, labels)],
+  records = {"train": [testing.FakeRecord(j, int(y), "train") for j, y in zip(jpegs, labels)],
              "test": []}
   rows = []
   with testing.mock_data("cub200", records=records):

@@ -73,8 +73,8 @@ LOSS_DEFAULTS: dict[str, dict] = {
     "multi_similarity": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
     "proxy_anchor": dict(alpha=32.0, delta=0.1),
     "normalized_softmax": dict(temperature=0.05),
-    # beta_learning_rate: the learned beta's own step (an Adam-scale rate; the paper trains beta with
-    # SGD at 0.1 on a gradient scaled by 1 / batch).
+    # beta_learning_rate: the learned beta's own step (an Adam-scale rate; the paper trains beta
+    # with SGD at 0.1 on a gradient scaled by 1 / batch).
     "margin": dict(margin=0.2, beta=1.2, nu=0.0, cutoff=0.5, nonzero_loss_cutoff=1.4,
                    beta_learning_rate=1e-3),
     "supcon": dict(temperature=0.1),

@@ -12,7 +12,8 @@ Distances (``distance=``):
 * ``"cosine"``: :math:`d_{ij} = 1 - \cos(x_i, x_j)` (a zero vector has cosine 0 with everything).
 
 The squared distance is computed from the Gram matrix,
-:math:`\|x_i\|^2 + \|x_j\|^2 - 2 x_i \cdot x_j`, clipped at 0 (one matmul, as in TF Addons), with the
+:math:`\|x_i\|^2 + \|x_j\|^2 - 2 x_i \cdot x_j`, clipped at 0 (one matmul, as in TF Addons), with
+the
 diagonal of a self-distance matrix set to exactly 0.
 
 Precision: every matrix product here runs at ``precision=jax.lax.Precision.HIGHEST`` unless told
@@ -192,7 +193,10 @@ def pairwise_distances(x: jax.Array, y: jax.Array | None = None, *,
 
 
 def same_label_mask(labels: jax.Array, other_labels: jax.Array | None = None) -> jax.Array:
-  """``bool[N, M]``: True where ``labels[i] == other_labels[j]`` (``other_labels`` defaults to ``labels``)."""
+  """``bool[N, M]``: True where ``labels[i] == other_labels[j]``.
+
+  ``other_labels`` defaults to ``labels``.
+  """
   other = labels if other_labels is None else other_labels
   return labels[:, None] == other[None, :]
 

@@ -21,7 +21,8 @@ there were no validation evaluations). The test split never chooses anything.
 Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/``, see
 :mod:`rankjax.checkpoint`; TensorBoard scalars in ``tensorboard/`` (``train/``, ``val/``,
 ``test/``); ``metrics.json`` with the final evaluation and which checkpoint it is of
-(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics). :func:`rankjax.load_embedder` turns the directory into
+(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics).
+:func:`rankjax.load_embedder` turns the directory into
 an embedding function.
 """
 
@@ -397,7 +398,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
 
 
 def param_groups(params: Any) -> Any:
-  """``"head"`` under the model's ``head``, its keyword for a loss parameter, else ``"backbone"``."""
+  """``"head"`` under the model's ``head``, its keyword for a loss parameter, else
+  ``"backbone"``."""
 
   def group(path, _):
     top = getattr(path[0], "key", None)

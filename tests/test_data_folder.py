@@ -95,7 +95,7 @@ def test_bad_names_are_errors():
 @pytest.mark.parametrize("mode, fmt, channels", [("L", "PNG", 1), ("L", "JPEG", 1),
                                                   ("RGB", "JPEG", 3), ("RGB", "PNG", 3)])
 def test_eval_images_are_the_files_preprocessed(tmp_path, mode, fmt, channels):
-  images = _make_folder(tmp_path / "root", [3, 2, 4, 3], mode=mode, fmt=fmt)
+  _make_folder(tmp_path / "root", [3, 2, 4, 3], mode=mode, fmt=fmt)
   name = f"folder:{tmp_path / 'root'}"
   kwargs = dict(data_dir=str(tmp_path / "tfds"), protocol=data.Protocol(val_fraction=0.0))
   info = data.get_dataset_info(name, **kwargs)
@@ -117,7 +117,7 @@ def test_eval_images_are_the_files_preprocessed(tmp_path, mode, fmt, channels):
     expected.setdefault(int(label), []).append(
         data.preprocess_for_eval(decoded, name=name, image_size=S, num_channels=channels))
   for label in (2, 3):
-    mine = np.stack([im for im, l in zip(got_images, got_labels) if l == label])
+    mine = np.stack([im for im, y in zip(got_images, got_labels) if y == label])
     theirs = np.stack(expected[label])
     # Same set of images (in some order): sort both by their pixel sums to align them.
     key = lambda x: np.argsort(x.reshape(len(x), -1).sum(axis=1))  # noqa: E731

@@ -210,7 +210,7 @@ def test_each_process_reads_only_its_classes(two_processes):
   seen = []
   for i in range(2):
     lines = _process_lines(log, i)
-    (plan,) = [l for l in lines if "Training input of process" in l]
+    (plan,) = [x for x in lines if "Training input of process" in x]
     match = re.search(rf"process {i} of 2: data shard {i} of 2, (\d+) images of (\d+) classes "
                       r"\(([\d, ]+)\)\.", plan)
     assert match, plan

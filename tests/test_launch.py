@@ -60,7 +60,7 @@ def test_a_failing_process_stops_the_others_and_its_code_is_returned():
   assert time.monotonic() - start < 20
   text = out.getvalue()
   assert "[launch] process 2 exited with code 3; stopping the others." in text
-  grandchild = int(next(l for l in text.splitlines() if "grandchild" in l).split()[-1])
+  grandchild = int(next(x for x in text.splitlines() if "grandchild" in x).split()[-1])
   for pid in _pids(text) + [grandchild]:
     assert not _alive(pid), pid
 
@@ -94,7 +94,7 @@ def test_interrupting_the_launcher_stops_every_process(tmp_path, sig):
           sys.exit(launch.run([[sys.executable, "-c", {sleeper!r}]] * 2, grace=1))""")],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   lines = []
-  while sum("ready" in l for l in lines) < 2:
+  while sum("ready" in x for x in lines) < 2:
     lines.append(proc.stdout.readline())
     assert lines[-1], "the launcher ended early:\n" + "".join(lines)
   proc.send_signal(sig)
@@ -111,7 +111,7 @@ def test_killing_the_launcher_outright_takes_the_processes_with_it():
        f"launch.run([[sys.executable, '-c', {sleeper!r}]])"],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   lines = []
-  while not any("ready" in l for l in lines):
+  while not any("ready" in x for x in lines):
     lines.append(proc.stdout.readline())
     assert lines[-1], "the launcher ended early:\n" + "".join(lines)
   (pid,) = _pids("".join(lines))

@@ -421,7 +421,7 @@ def _stream_eval(source, positions, size, local_batch, slice_reads, threads):
         crop_fraction=spec.crop_fraction, method=spec.resize_method)
 
   ds = source.stream_encoded(positions, slice_reads=slice_reads).map(
-      lambda e, l: (prepare(e, l), l), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      lambda e, y: (prepare(e, y), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch).prefetch(2).with_options(_dataset_options(threads))
   offset = 0
   for images, labels in ds.as_numpy_iterator():
