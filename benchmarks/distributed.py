@@ -32,18 +32,13 @@ DEFAULT_FLAGS = ("--config=experiments/configs/digits.py:triplet_semihard",
                  "--config.eval.best_metric=recall@1")
 
 
-def steps_per_second(logdir: str) -> float:
+def steps_per_second(workdir: str) -> float:
   """Median of the ``perf/steps_per_s`` scalars a job wrote, its first window left out."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  rates = {}
-  for name in os.listdir(logdir):
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
-      for value in event.summary.value:
-        if value.tag == "perf/steps_per_s":
-          rates[event.step] = float(tf.make_ndarray(value.tensor))
+  from rankjax import train  # pylint: disable=g-import-not-at-top
+  rates = train.read_scalars(workdir, "perf/steps_per_s")
   steps = sorted(rates)[1:]
   if not steps:
-    raise RuntimeError(f"{logdir}: fewer than two logged training windows; raise --steps.")
+    raise RuntimeError(f"{workdir}: fewer than two logged training windows; raise --steps.")
   return float(np.median([rates[s] for s in steps]))
 
 
@@ -60,7 +55,7 @@ def run_job(layout: str, flags: list[str], workdir: str) -> float:
   out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
   if out.returncode:
     raise RuntimeError(f"the {layout} job failed:\n{(out.stdout + out.stderr)[-3000:]}")
-  return steps_per_second(os.path.join(workdir, "tensorboard"))
+  return steps_per_second(workdir)
 
 
 def main():

@@ -632,6 +632,19 @@ class _SummaryWriter:
       self._writer.close()
 
 
+def read_scalars(workdir: str, tag: str) -> dict[int, float]:
+  """``{step: value}`` of the TensorBoard scalar ``tag`` (e.g. ``"train/loss"``) a run wrote."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  logdir = os.path.join(workdir, "tensorboard")
+  values = {}
+  for name in sorted(os.listdir(logdir)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
 def _log_config_changes(path: str, config: ml_collections.ConfigDict) -> None:
   """Warns when a workdir is resumed with a config other than the one it was started with."""
   if not os.path.exists(path):

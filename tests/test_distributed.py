@@ -22,7 +22,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import sklearn.datasets
-import tensorflow as tf
 
 from rankjax import checkpoint
 from rankjax import configs
@@ -76,18 +75,6 @@ def _wait_for(predicate, proc, what, timeout=TIMEOUT):
     assert proc.poll() is None, f"the job ended before {what}"
     assert time.monotonic() < deadline, f"no {what} after {timeout} s"
     time.sleep(0.05)
-
-
-def _losses(workdir):
-  """``{step: train/loss}`` from the job's TensorBoard scalars (float32, as logged)."""
-  logdir = os.path.join(workdir, "tensorboard")
-  out = {}
-  for name in os.listdir(logdir):
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
-      for value in event.summary.value:
-        if value.tag == "train/loss":
-          out[event.step] = float(tf.make_ndarray(value.tensor))
-  return out
 
 
 def _final_variables(workdir):
@@ -161,7 +148,7 @@ def test_two_processes_train_as_one_process_with_as_many_devices(two_processes, 
   (two, two_log), (one, _) = two_processes, one_process
   assert "Mesh: 4 devices (2 per host, 2 hosts); global batch 8 = 4 classes x 2." in two_log
   # The same global batches, the same step: the logged losses agree to float rounding.
-  want, got = _losses(one), _losses(two)
+  want, got = (train.read_scalars(w, "train/loss") for w in (one, two))
   assert sorted(got) == sorted(want) == list(range(4, STEPS + 1, 4))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-5)
