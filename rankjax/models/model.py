@@ -38,6 +38,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 
 from rankjax.models import efficientnet, resnet, small, weights
 from rankjax.models.head import EmbeddingHead
@@ -191,6 +192,28 @@ def _input_transform(convention: str | None):
           }.get(convention, lambda: None)()
 
 
+def gray_input_transform(rgb_transform):
+  r"""The input transform of RGB weights for grayscale images, which it repeats into 3 channels.
+
+  ``rgb_transform = (scale, offset, reverse)`` maps the ImageNet-standardised RGB of rankjax's
+  pipelines, :math:`x_c = (p - m_c) / s_c` for pixels :math:`p \in [0, 1]`, to the weights'
+  convention :math:`a_c x_c + b_c`. A grayscale pipeline gives :math:`x = (p - g_m) / g_s`
+  (rankjax.data.preprocessing's ``GRAYSCALE_MEAN`` / ``GRAYSCALE_STD``), so the same target is
+  :math:`(a_c g_s / s_c) x + a_c (g_m - m_c) / s_c + b_c`: per-channel scale and offset that
+  broadcast the one gray channel to three, exactly what the RGB network sees for a gray photo.
+  """
+  from rankjax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  scale, offset, reverse = rgb_transform
+  mean, std = np.asarray(preprocessing.IMAGENET_MEAN), np.asarray(preprocessing.IMAGENET_STD)
+  g_mean, g_std = preprocessing.GRAYSCALE_MEAN[0], preprocessing.GRAYSCALE_STD[0]
+  scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
+  if reverse:  # The weights see BGR: their channel c is RGB channel 2 - c.
+    mean, std = mean[::-1], std[::-1]
+  new_scale = scale * g_std / std
+  new_offset = scale * (g_mean - mean) / std + offset
+  return (tuple(float(v) for v in new_scale), tuple(float(v) for v in new_offset), False)
+
+
 def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
               pooling: str = "avg", normalize: bool = False, freeze_batchnorm: bool = False,
               dtype=jnp.float32, pretrained: str | os.PathLike | None = None,
@@ -253,12 +276,16 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
                        f"{meta.get('architecture')!r}, not for model {name!r}.")
     transform = _input_transform(meta.get("input_convention"))
     if transform is not None:
-      if num_channels != 3:
-        raise ValueError(f"ImageNet weights take RGB images: num_channels must be 3; got "
-                         f"{num_channels}.")
+      if num_channels not in (1, 3):
+        raise ValueError(f"ImageNet weights take RGB (or grayscale) images: num_channels must be "
+                         f"3 or 1; got {num_channels}.")
+      if num_channels == 1:
+        transform = gray_input_transform(transform)
       options["input_transform"] = transform
 
-  build = functools.partial(spec.build, num_channels=num_channels, dtype=dtype,
+  # A grayscale image reaches RGB weights as its gray value in all three channels.
+  backbone_channels = 3 if "input_transform" in options else num_channels
+  build = functools.partial(spec.build, num_channels=backbone_channels, dtype=dtype,
                             freeze_batchnorm=freeze_batchnorm, **options)
   try:
     if weights_file is None:
