@@ -90,7 +90,10 @@ def _final_variables(workdir):
 
 
 def _metrics(workdir):
-  return json.loads(open(os.path.join(workdir, train.METRICS_FILE)).read())
+  """The metrics of ``workdir/metrics.json`` (without its note of which checkpoint they are of)."""
+  report = json.loads(open(os.path.join(workdir, train.METRICS_FILE)).read())
+  assert report.pop("checkpoint") == "final"
+  return report
 
 
 def _process_lines(log, i):
