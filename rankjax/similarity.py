@@ -134,9 +134,32 @@ def squared_euclidean_distances(x: jax.Array, y: jax.Array | None = None, *,
   precision = check_precision(precision)
   if y is None:
     return _self_squared_distances(x, precision)
+  return _cross_squared_distances(x, y, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cross_squared_distances(x, y, precision):
+  return _cross_squared_distances_fwd(x, y, precision)[0]
+
+
+def _cross_squared_distances_fwd(x, y, precision):
   sq = (jnp.sum(x * x, axis=-1)[:, None] + jnp.sum(y * y, axis=-1)[None, :]
         - 2.0 * jnp.matmul(x, y.T, precision=precision))
-  return jnp.maximum(sq, 0.0)
+  kept = sq > 0
+  return jnp.where(kept, sq, 0.0), (x, y, kept)
+
+
+def _cross_squared_distances_bwd(precision, residuals, g):
+  # Written out so that the backward pass keeps one B x M mask, not autodiff's intermediates:
+  # dL/dx_i = 2 sum_j G_ij (x_i - y_j), dL/dy_j = 2 sum_i G_ij (y_j - x_i).
+  x, y, kept = residuals
+  g = jnp.where(kept, g, 0.0)
+  grad_x = 2.0 * (jnp.sum(g, axis=1)[:, None] * x - jnp.matmul(g, y, precision=precision))
+  grad_y = 2.0 * (jnp.sum(g, axis=0)[:, None] * y - jnp.matmul(g.T, x, precision=precision))
+  return grad_x, grad_y
+
+
+_cross_squared_distances.defvjp(_cross_squared_distances_fwd, _cross_squared_distances_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -2,6 +2,9 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import jax
@@ -212,6 +215,56 @@ def test_resumed_run_continues_with_the_same_memory(tmp_path):
   assert int(final_straight["xbm"]["pointer"]) == 20  # three batches of 40 into 100 slots
   for a, b in zip(jax.tree.leaves(final_straight), jax.tree.leaves(final_resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+# --- Memory: M = 65,536 at D = 128, B = 512 under 2 GiB -------------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from rankjax import cross_batch, losses
+    name, classes = sys.argv[1], int(sys.argv[2])
+    batch, dim, size = 512, 128, 65536
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(size=(batch, dim), dtype=np.float32) / np.sqrt(dim))
+    y = jnp.asarray(rng.permutation(classes)[:128].repeat(4), jnp.int32)  # 128 classes x 4
+    memory = {"embeddings": jnp.asarray(rng.standard_normal(size=(size, dim), dtype=np.float32)),
+              "labels": jnp.asarray(rng.integers(0, classes, size=size), jnp.int32),
+              "pointer": jnp.int32(0)}
+    settings = cross_batch.MemorySettings(size, 0, 1.0)
+    loss_fn = losses.get_loss(name)
+
+    def step(x, y, memory):
+      def loss(x):
+        value, memory_after, _ = cross_batch.loss_with_memory(loss_fn, x, y, memory, 0, settings)
+        return value, memory_after
+      return jax.value_and_grad(loss, has_aux=True)(x)
+
+    compiled = jax.jit(step, donate_argnums=2).lower(x, y, memory).compile()
+    (value, memory), grad = compiled(x, y, memory)
+    assert np.isfinite(float(value)) and bool(jnp.all(jnp.isfinite(grad)))
+    assert int(memory["pointer"]) == batch
+    # VmHWM: this process image's peak resident set.
+    print([int(line.split()[1]) // 1024 for line in open("/proc/self/status")
+           if line.startswith("VmHWM")][0])
+""")
+
+
+def test_memory_of_65536_at_batch_512_is_under_two_gib():
+  # The largest-footprint losses in a fresh process each: semi-hard with SOP-like classes (about
+  # 6 per class in the memory: positive slots), batch-all with 128 classes (512 positives per
+  # anchor: sorted rows).
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  runs = [("triplet_semihard", 11318), ("triplet_all", 128)]
+  procs = {run: subprocess.Popen([sys.executable, "-c", _MEMORY_SCRIPT, run[0], str(run[1])],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for run in runs}
+  peaks = {}
+  for run, proc in procs.items():
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    peaks[run] = int(out.split()[-1])
+  assert max(peaks.values()) < 2048, f"peak RSS in MiB: {peaks}"
 
 
 # --- Configs --------------------------------------------------------------------------------------
