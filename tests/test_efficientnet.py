@@ -402,7 +402,7 @@ def test_lite_input_transform_maps_standardised_images_to_the_lite_convention():
 
 
 def test_grayscale_images_reach_rgb_weights_as_gray_photos(imagenet_file):
-  """A 1-channel model on gray-standardised pixels = the RGB model on the same gray in 3 channels."""
+  """A 1-channel model on gray-standardised pixels = the RGB model on that gray in 3 channels."""
   from rankjax.data import pipeline  # pylint: disable=g-import-not-at-top
   gray = models.get_model("efficientnet_lite0", pretrained=imagenet_file, num_channels=1,
                           rngs=nnx.Rngs(0))
