@@ -32,7 +32,14 @@ def test_proxy_losses_have_one_proxy_per_training_label():
     assert set(loss_params.specs(name)) == {"proxies"}
     params = loss_params.init_loss_params(name, 7, 5, jax.random.key(0),
                                           **configs.LOSS_DEFAULTS[name])
-    assert params["proxies"].shape == (7, 5) and params["proxies"].dtype == jnp.float32
+    # Sub-center ArcFace holds sub_centers proxies per class: [C, K, D].
+    want = (7, 3, 5) if name == "subcenter_arcface" else (7, 5)
+    assert params["proxies"].shape == want and params["proxies"].dtype == jnp.float32
+  # The margin loss learns one beta per class, starting at loss.margin.beta.
+  beta = loss_params.init_loss_params("margin", 7, 5, jax.random.key(0),
+                                      **configs.LOSS_DEFAULTS["margin"])["beta"]
+  start = configs.LOSS_DEFAULTS["margin"]["beta"]
+  np.testing.assert_array_equal(beta, np.full(7, start, np.float32))
   for name in ("contrastive", "triplet_semihard", "npairs", "multi_similarity"):
     assert not loss_params.has_params(name)
     assert loss_params.init_loss_params(name, 7, 5, jax.random.key(0)) == {}
