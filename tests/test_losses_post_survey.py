@@ -632,8 +632,9 @@ def test_registry_and_config_tables():
                    ("subcenter_arcface", losses.subcenter_arcface_loss)]:
     assert losses.get_loss(name).func is fn
     assert losses.get_loss(fn.__name__).func is fn
-    assert losses.get_loss(name, **configs.LOSS_DEFAULTS[name]).keywords == (
-        configs.LOSS_DEFAULTS[name])
+    # The options the loss takes: the table less the keys of its learned parameters.
+    options = configs.loss_kwargs(configs.with_loss(configs.base_config(), name))
+    assert losses.get_loss(name, **options).keywords == options
     assert configs.NORMALIZED_BY_LOSS[name]
   for name in ["arcface", "cosface", "subcenter_arcface"]:
     assert name in losses.PROXY_LOSSES and name in configs.PROXY_LOSSES
