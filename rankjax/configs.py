@@ -30,6 +30,11 @@ Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training label, he
 turned class has its own), trained at ``optimizer.proxy_learning_rate``, by default 100x the
 network's (Proxy-Anchor's recipe).
 
+``config.xbm`` adds a cross-batch memory (Wang et al. 2020, :mod:`rankjax.cross_batch`) to the
+losses that take a reference set (contrastive, triplet, multi-similarity): ``enabled``, ``size``
+(M embeddings), ``start_step`` (the warm-up) and ``weight`` of the memory term, by default the
+authors' code's 8192, 2000 and 1.0.
+
 ``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
 N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
 instead); the triplet and contrastive margins assume unit-norm embeddings; angular and

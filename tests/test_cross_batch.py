@@ -4,11 +4,9 @@ import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -80,8 +78,9 @@ def test_loss_with_memory_is_batch_loss_plus_weighted_memory_loss(name):
       pointer = (pointer + 16) % 40
       # The memory term: anchors from the batch, references the memory after the write, each
       # anchor's own copy left out; the memory carries no gradient.
-      against = lambda z, r: loss_fn(z, y, ref_embeddings=r, ref_labels=ring_y,
-                                     ref_self_index=slots)
+      def against(z, r, y=y, labels=ring_y.copy(), slots=slots):
+        return loss_fn(z, y, ref_embeddings=r, ref_labels=labels, ref_self_index=slots)
+
       mem_value, mem_grad = jax.value_and_grad(against)(x, ring_x)
       np.testing.assert_allclose(memory_loss, mem_value, rtol=1e-6)
       np.testing.assert_allclose(value, batch_value + 0.5 * mem_value, rtol=1e-5)
@@ -220,44 +219,23 @@ def test_resumed_run_continues_with_the_same_memory(tmp_path):
 
 # --- Memory: M = 65,536 at D = 128, B = 512 under 2 GiB -------------------------------------------
 
-_MEMORY_SCRIPT = textwrap.dedent("""
-    import sys
-    import jax, jax.numpy as jnp, numpy as np
-    from rankjax import cross_batch, losses
-    name, classes = sys.argv[1], int(sys.argv[2])
-    batch, dim, size = 512, 128, 65536
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(size=(batch, dim), dtype=np.float32) / np.sqrt(dim))
-    y = jnp.asarray(rng.permutation(classes)[:128].repeat(4), jnp.int32)  # 128 classes x 4
-    memory = {"embeddings": jnp.asarray(rng.standard_normal(size=(size, dim), dtype=np.float32)),
-              "labels": jnp.asarray(rng.integers(0, classes, size=size), jnp.int32),
-              "pointer": jnp.int32(0)}
-    settings = cross_batch.MemorySettings(size, 0, 1.0)
-    loss_fn = losses.get_loss(name)
-
-    def step(x, y, memory):
-      def loss(x):
-        value, memory_after, _ = cross_batch.loss_with_memory(loss_fn, x, y, memory, 0, settings)
-        return value, memory_after
-      return jax.value_and_grad(loss, has_aux=True)(x)
-
-    compiled = jax.jit(step, donate_argnums=2).lower(x, y, memory).compile()
-    (value, memory), grad = compiled(x, y, memory)
-    assert np.isfinite(float(value)) and bool(jnp.all(jnp.isfinite(grad)))
-    assert int(memory["pointer"]) == batch
-    # VmHWM: this process image's peak resident set.
-    print([int(line.split()[1]) // 1024 for line in open("/proc/self/status")
-           if line.startswith("VmHWM")][0])
-""")
+def _benchmark_module():
+  spec = importlib.util.spec_from_file_location(
+      "losses_benchmark", os.path.join(REPO, "benchmarks", "losses.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_memory_of_65536_at_batch_512_is_under_two_gib():
   # The largest-footprint losses in a fresh process each: semi-hard with SOP-like classes (about
   # 6 per class in the memory: positive slots), batch-all with 128 classes (512 positives per
   # anchor: sorted rows).
+  # The benchmark's own script: the XBM step's value and gradient, jitted, in a fresh process.
+  script = _benchmark_module().XBM_MEMORY_SCRIPT
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   runs = [("triplet_semihard", 11318), ("triplet_all", 128)]
-  procs = {run: subprocess.Popen([sys.executable, "-c", _MEMORY_SCRIPT, run[0], str(run[1])],
+  procs = {run: subprocess.Popen([sys.executable, "-c", script, run[0], str(run[1]), "65536"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True) for run in runs}
   peaks = {}

@@ -1,4 +1,4 @@
-"""Parameters that belong to the loss: the registry, their config keys, and an embedder without them."""
+"""Parameters that belong to the loss: the registry, their config keys, an embedder without them."""
 
 import importlib.util
 import os

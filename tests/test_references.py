@@ -272,7 +272,7 @@ def test_hand_computed_triplet_against_a_memory():
   assert float(semihard) == pytest.approx((0.0 + 1.5 + 1.0) / 3)
 
 
-# --- Input checks ----------------------------------------------------------------------------------
+# --- Input checks ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
