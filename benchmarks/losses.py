@@ -23,6 +23,16 @@ npairs: ``NPairsLoss`` on dot products; angular: ``AngularLoss(alpha=45)``; npai
 sum; lifted: ``LiftedStructureLoss`` (skipped past 60 s a call); multi-similarity:
 ``MultiSimilarityLoss + MultiSimilarityMiner``.
 
+The later baselines (margin, SupCon, ArcFace, CosFace, sub-center ArcFace) get a table of their
+own at ``--later-batch-sizes`` (default B = 512): value and gradient times beside
+pytorch-metric-learning's ``MarginLoss + DistanceWeightedMiner``, ``SupConLoss``,
+``ArcFaceLoss``, ``CosFaceLoss`` and ``SubCenterArcFaceLoss`` on the same embeddings (and, for the
+proxy losses, the same proxies: PML's ``W`` is ``proxies.T``), and the relative difference of the
+two values where the definitions agree. The margin loss samples its negatives, and PML's miner
+draws with its own random generator, positives with replacement and a batch-wide normalisation, so
+the two pipelines' values are not comparable; its value column compares PML's ``MarginLoss`` given
+rankjax's sampled triplets (every positive pair with the negative rankjax drew for it) instead.
+
 Cross-batch memory (``--xbm-size``, default M = 8192; skipped with ``--no-xbm``): at B = 512,
 D = 128 (128 classes x 4, the memory holding 16 earlier such batches of 1024 classes), the time of
 the loss alone and of the XBM loss ``L(batch) + L(batch, memory)`` with its enqueue, i.e. the
@@ -33,13 +43,15 @@ terms, its semi-hard miner keeps every semi-hard triplet, its batch-hard loss av
 anchors). Then each loss's XBM step at M = 65,536 in a fresh process, and its peak resident memory
 (the bound being 2 GiB).
 
-Run: ``python benchmarks/losses.py`` (B in 128, 512, 2048, the memory table and the cross-batch
-memory tables by default; ``--xbm-only`` runs the cross-batch memory tables alone).
+Run: ``python benchmarks/losses.py`` (B in 128, 512, 2048, the memory table, the later baselines
+and the cross-batch memory tables by default; ``--xbm-only`` runs the cross-batch memory tables
+alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -62,6 +74,16 @@ LOSSES = [
     ("lifted_structure", "lifted_structure", {}),
     ("multi_similarity", "multi_similarity", {}),
 ]
+
+# The later baselines' table: (label, config name); each call gets proxies or a key as it needs.
+LATER_LOSSES = [
+    ("margin + DWS", "margin"),
+    ("supcon", "supcon"),
+    ("arcface", "arcface"),
+    ("cosface", "cosface"),
+    ("subcenter_arcface", "subcenter_arcface"),
+]
+SUB_CENTERS = 3
 
 PML_SKIP_AFTER_S = 60.0
 
@@ -158,8 +180,19 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     batch, dim = 4096, 512
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, dim)) / np.sqrt(dim), jnp.float32)
     labels = jnp.arange(batch) // per_class
-    value, grad = jax.jit(jax.value_and_grad(losses.get_loss(name)))(x, labels)
-    assert np.isfinite(float(value)) and bool(jnp.all(jnp.isfinite(grad)))
+    classes, fn = batch // per_class, losses.get_loss(name)
+    if name in losses.PROXY_LOSSES:  # the proxies' gradient too
+      shape = (classes, 3, dim) if name == "subcenter_arcface" else (classes, dim)
+      params = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+      loss = lambda x, p: fn(x, labels, proxies=p)
+    elif name in losses.LOSSES_NEEDING_KEY:  # with a learned beta per class
+      params = jnp.full((classes,), 1.2)
+      loss = lambda x, p: fn(x, labels, key=jax.random.key(0), beta=p)
+    else:
+      params = jnp.zeros(())
+      loss = lambda x, p: fn(x, labels) + 0.0 * p
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, params)
+    assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
     # VmHWM: this process image's peak resident set. (ru_maxrss would not do: Linux carries it
     # over from the parent through fork and exec.)
     print([int(line.split()[1]) // 1024 for line in open("/proc/self/status")
@@ -167,11 +200,13 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def memory_table():
+def memory_table(names):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   rows = [(label, name, 4) for label, name, _ in LOSSES]
+  rows += [(label, name, 4) for label, name in LATER_LOSSES]
   rows += [("triplet semihard (16 classes)", "triplet_semihard", 256),
            ("triplet all (16 classes)", "triplet_all", 256)]
+  rows = [row for row in rows if row[1] in names]
   print("\nPeak resident memory of jit(value_and_grad(loss)) at B = 4096, D = 512 (fresh process "
         "each, VmHWM; P x K = 1024 x 4 unless noted)")
   print(f"{'loss':32s} {'peak RSS MiB':>12s}")
@@ -360,6 +395,100 @@ def xbm_memory_table(names, size=65536):
       print(f"{label:18s} {classes:15d} {int(peak):13d} {int(temp):13d}", flush=True)
 
 
+def later_losses_table(batch_sizes, dim, per_class, use_pml, names):
+  """Times (and values) of the later baselines beside pytorch-metric-learning's."""
+  try:
+    if not use_pml:
+      raise ImportError
+    import torch  # pylint: disable=import-outside-toplevel
+    from pytorch_metric_learning import miners  # pylint: disable=import-outside-toplevel
+    from pytorch_metric_learning import losses as pml  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    torch = None
+  print(f"\nLater baselines: value_and_grad times in ms (embeddings and proxies), D = {dim}, "
+        f"{per_class} per class; |diff| = |rankjax - PML| / |PML| of the values")
+  print(f"{'B':>5s} {'loss':18s} {'rankjax':>9s} {'value':>10s}" + (
+      f" {'PML':>10s} {'PML/rankjax':>12s} {'|diff|':>9s}" if torch else ""))
+  for batch in batch_sizes:
+    x_np, labels_np = make_batch(batch, dim, per_class)
+    x, labels = jnp.asarray(x_np), jnp.asarray(labels_np)
+    classes = batch // per_class
+    rng = np.random.default_rng(2)
+    proxies_np = rng.normal(size=(classes, dim)).astype(np.float32)
+    sub_np = rng.normal(size=(classes, SUB_CENTERS, dim)).astype(np.float32)
+    key = jax.random.key(0)
+    for label, name in LATER_LOSSES:
+      if name not in names:
+        continue
+      fn = losses.get_loss(name)
+      if name == "margin":
+        ours = jax.jit(jax.value_and_grad(lambda x, k: fn(x, labels, key=k)))
+        args = (x, key)
+      elif name == "supcon":
+        ours = jax.jit(jax.value_and_grad(lambda x, _: fn(x, labels)))
+        args = (x, None)
+      else:
+        p = jnp.asarray(sub_np if name == "subcenter_arcface" else proxies_np)
+        ours = jax.jit(jax.value_and_grad(lambda x, p: fn(x, labels, proxies=p), argnums=(0, 1)))
+        args = (x, p)
+      value = float(ours(*args)[0])
+      run = functools.partial(ours, *args)
+      seconds = median_time(lambda: jax.block_until_ready(run()))  # pylint: disable=cell-var-from-loop
+      line = f"{batch:5d} {label:18s} {1e3 * seconds:9.2f} {value:10.5f}"
+      if torch:
+        theirs, theirs_value = _pml_later(name, torch, pml, miners, x_np, labels_np, proxies_np,
+                                          sub_np, key)
+        line += (f" {1e3 * theirs:10.2f} {theirs / seconds:12.1f} "
+                 f"{abs(value - theirs_value) / abs(theirs_value):9.1e}")
+      print(line, flush=True)
+
+
+def _pml_later(name, torch, pml, miners, x_np, labels_np, proxies_np, sub_np, key):
+  """(PML's forward + backward time, PML's value comparable with rankjax's) for one loss."""
+  embeddings = torch.from_numpy(x_np).requires_grad_(True)
+  targets = torch.from_numpy(labels_np.astype(np.int64))
+  classes, dim = proxies_np.shape
+  comparable, miner = None, None
+  if name == "margin":
+    loss_fn = pml.MarginLoss(margin=0.2, beta=1.2, nu=0.0)
+    miner = miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
+    # The value: PML's MarginLoss on the triplets rankjax sampled (one per positive pair).
+    probabilities = losses.negative_sampling_probabilities(jnp.asarray(x_np), labels_np)
+    drawn = np.asarray(losses.sample_negatives(key, probabilities, len(labels_np)))
+    has_negative = np.asarray(probabilities).sum(axis=1) > 0
+    anchors, positives = np.nonzero((labels_np[:, None] == labels_np[None, :])
+                                    & ~np.eye(len(labels_np), dtype=bool)
+                                    & has_negative[:, None])
+    triplets = tuple(torch.from_numpy(t.astype(np.int64))
+                     for t in (anchors, positives, drawn[anchors, positives]))
+    comparable = loss_fn(embeddings, targets, triplets).item()
+  elif name == "supcon":
+    loss_fn = pml.SupConLoss(temperature=0.1)
+  else:
+    if name == "arcface":
+      loss_fn = pml.ArcFaceLoss(num_classes=classes, embedding_size=dim, margin=28.6, scale=64)
+      weights = proxies_np.T
+    elif name == "cosface":
+      loss_fn = pml.CosFaceLoss(num_classes=classes, embedding_size=dim, margin=0.35, scale=64)
+      weights = proxies_np.T
+    else:
+      loss_fn = pml.SubCenterArcFaceLoss(num_classes=classes, embedding_size=dim, margin=28.6,
+                                         scale=64, sub_centers=SUB_CENTERS)
+      weights = sub_np.reshape(classes * SUB_CENTERS, dim).T  # column c * K + k
+    loss_fn.W.data = torch.from_numpy(np.ascontiguousarray(weights))
+
+  def step():
+    embeddings.grad = None
+    loss_fn.zero_grad()
+    mined = () if miner is None else (miner(embeddings, targets),)
+    out = loss_fn(embeddings, targets, *mined)
+    out.backward()
+    return out.item()
+
+  value = step()
+  return median_time(step), (value if comparable is None else comparable)
+
+
 def _import_jax(threads):
   global jax, jnp, losses, cross_batch  # pylint: disable=global-statement
   flags = os.environ.get("XLA_FLAGS", "")
@@ -380,12 +509,15 @@ def main():
   parser.add_argument("--no-pml", action="store_true", help="skip pytorch-metric-learning")
   parser.add_argument("--no-memory", action="store_true", help="skip the B = 4096 memory table")
   parser.add_argument("--threads", type=int, default=1, help="threads for XLA and torch alike")
-  parser.add_argument("--losses", nargs="+", default=[name for _, name, _ in LOSSES],
+  parser.add_argument("--losses", nargs="+",
+                      default=[name for _, name, _ in LOSSES] + [name for _, name in LATER_LOSSES],
                       help="config names of the losses to run (default: all)")
   parser.add_argument("--no-xbm", action="store_true", help="skip the cross-batch memory tables")
   parser.add_argument("--xbm-only", action="store_true",
                       help="only the cross-batch memory tables (timing, and memory at M = 65,536)")
   parser.add_argument("--xbm-size", type=int, default=8192, help="memory size of the XBM timing")
+  parser.add_argument("--later-batch-sizes", type=int, nargs="*", default=[512],
+                      help="batch sizes of the later baselines' table (none: skip it)")
   args = parser.parse_args()
   _import_jax(args.threads)
 
@@ -431,8 +563,11 @@ def loss_tables(args, pml, torch):
           if theirs > PML_SKIP_AFTER_S / 4:  # the next size is at least 4x the work
             pml_too_slow.add(label)
       print(line, flush=True)
+  if args.later_batch_sizes:
+    later_losses_table(args.later_batch_sizes, args.dim, args.per_class, use_pml=not args.no_pml,
+                       names=args.losses)
   if not args.no_memory:
-    memory_table()
+    memory_table(args.losses)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ PEAK_BF16_FLOPS = {
 
 
 def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options=None,
-             num_devices=1):
+             num_devices=1, freeze_batchnorm=False):
   """``(run(n) -> seconds for n steps, forward FLOPs per image)`` for the rankjax train step.
 
   The step runs data-parallel over the first ``num_devices`` devices (the batch split among them).
@@ -61,6 +61,7 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   config = configs.base_config()
   config.model.name = model_name
   config.model.dtype = dtype
+  config.model.freeze_batchnorm = freeze_batchnorm
   config.model.embedding_dim = 128
   config.image_size = image_size
   if backbone_options:
@@ -231,18 +232,22 @@ def torch_triplet_semihard(embeddings, labels, margin=0.2):
   return (loss * valid).sum() / valid.sum().clamp_min(1)
 
 
-def torch_step(model_name, *, image_size, channels, batch, device, bf16):
-  """``run(n) -> seconds`` for the PyTorch train step, or None without torch."""
+def torch_step(model_name, *, image_size, channels, batch, device, bf16, build=None):
+  """``run(n) -> seconds`` for the PyTorch train step, or None without torch.
+
+  ``build(channels)`` gives the model (default: :func:`torch_modules`' ``model_name``); Adam
+  updates the parameters that require a gradient.
+  """
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   torch.manual_seed(0)
-  model = torch_modules()[model_name](channels).to(device)
+  model = (build or torch_modules()[model_name])(channels).to(device)
   if device == "cuda":
     model = model.to(memory_format=torch.channels_last)
   model.train()
-  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
   rng = np.random.default_rng(0)
   images = torch.tensor(
       rng.normal(size=(batch, channels, image_size, image_size)).astype(np.float32), device=device)

@@ -16,6 +16,13 @@ killed at any moment (SIGKILL included) leaves either a complete checkpoint or a
 directory that the next start deletes; running the same command again resumes from the last
 complete one. Saving is asynchronous: the arrays are copied to host memory before :meth:`save`
 returns and are written while training continues.
+
+**Several processes** (a ``jax.distributed`` job) open the same ``WORKDIR`` (a file system they all
+share) and save and restore together: orbax's primary process (process 0) creates and commits each
+step directory, every array is written once for the job (the processes share the writing of
+replicated arrays), and there is one ``checkpoints/<step>`` for the whole job. Only process 0
+deletes unfinished saves, and the others wait for it. A checkpoint restores on any number of
+processes and devices: the restored arrays take the shardings of the state they restore into.
 """
 
 from __future__ import annotations
@@ -81,6 +88,11 @@ class Checkpoints:
   @property
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
+
+  @property
+  def best_step(self) -> int | None:
+    """The step of the kept best checkpoint, or None before any evaluation."""
+    return self._best.latest_step()
 
   def save(self, step: int, model: Any, training: Any, *, force: bool = False) -> None:
     """Saves the state after ``step`` training steps (the next batch has index ``step``).

@@ -13,10 +13,15 @@ loss                   parameter      shape              learning rate
 =====================  =============  =================  ==========================================
 proxy_anchor           ``proxies``    ``[C, D]``         ``optimizer.proxy_learning_rate``
 normalized_softmax     ``proxies``    ``[C, D]``         ``optimizer.proxy_learning_rate``
+arcface, cosface       ``proxies``    ``[C, D]``         ``optimizer.proxy_learning_rate``
+subcenter_arcface      ``proxies``    ``[C, K, D]``      ``optimizer.proxy_learning_rate``
+margin                 ``beta``       ``[C]``            ``loss.margin.beta_learning_rate``
 =====================  =============  =================  ==========================================
 
 ``C`` is the number of training labels (:func:`rankjax.configs.num_train_labels`), ``D`` the
-embedding size. Proxies start as a standard normal draw (the losses normalise them).
+embedding size, ``K`` ``loss.subcenter_arcface.sub_centers``. Proxies start as a standard normal
+draw (the losses normalise them); the margin loss's :math:`\beta` starts at ``loss.margin.beta``
+for every class (Wu et al. 2017 learn one per class).
 
 A new loss with parameters registers them here, e.g. one proxy per sub-centre and class and a
 learned margin with its own config key::
@@ -41,6 +46,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 # Optimizer groups that are the network's: a loss parameter may not take these names.
 _NETWORK_GROUPS = ("backbone", "head")
@@ -134,3 +140,14 @@ def _class_proxies(key, num_classes, embedding_dim, **_):
 PROXIES = LossParam(init=_class_proxies, learning_rate=proxy_learning_rate)
 register("proxy_anchor", proxies=PROXIES)
 register("normalized_softmax", proxies=PROXIES)
+register("arcface", proxies=PROXIES)
+register("cosface", proxies=PROXIES)
+register("subcenter_arcface", proxies=LossParam(
+    init=lambda key, num_classes, dim, *, sub_centers=3, **_: jax.random.normal(
+        key, (num_classes, sub_centers, dim)),
+    learning_rate=proxy_learning_rate))
+register("margin", beta=LossParam(
+    init=lambda key, num_classes, dim, *, beta=1.2, **_: jnp.full((num_classes,), beta,
+                                                                 jnp.float32),
+    learning_rate=lambda config: config.loss.margin.beta_learning_rate,
+    config_keys=("beta_learning_rate",)))

@@ -12,7 +12,8 @@ Distances (``distance=``):
 * ``"cosine"``: :math:`d_{ij} = 1 - \cos(x_i, x_j)` (a zero vector has cosine 0 with everything).
 
 The squared distance is computed from the Gram matrix,
-:math:`\|x_i\|^2 + \|x_j\|^2 - 2 x_i \cdot x_j`, clipped at 0 (one matmul, as in TF Addons), with the
+:math:`\|x_i\|^2 + \|x_j\|^2 - 2 x_i \cdot x_j`, clipped at 0 (one matmul, as in TF Addons), with
+the
 diagonal of a self-distance matrix set to exactly 0.
 
 Precision: every matrix product here runs at ``precision=jax.lax.Precision.HIGHEST`` unless told
@@ -215,7 +216,10 @@ def pairwise_distances(x: jax.Array, y: jax.Array | None = None, *,
 
 
 def same_label_mask(labels: jax.Array, other_labels: jax.Array | None = None) -> jax.Array:
-  """``bool[N, M]``: True where ``labels[i] == other_labels[j]`` (``other_labels`` defaults to ``labels``)."""
+  """``bool[N, M]``: True where ``labels[i] == other_labels[j]``.
+
+  ``other_labels`` defaults to ``labels``.
+  """
   other = labels if other_labels is None else other_labels
   return labels[:, None] == other[None, :]
 
@@ -293,3 +297,38 @@ def check_references(embeddings: jax.Array, labels: jax.Array, ref_embeddings, r
                        f"per anchor); got {ref_self_index.dtype}{list(ref_self_index.shape)}.")
     ref_self_index = ref_self_index.astype(jnp.int32)
   return ref_embeddings, ref_labels, ref_self_index
+
+
+def reference_set(embeddings: jax.Array, labels: jax.Array, ref_embeddings=None, ref_labels=None):
+  """The references of a pair loss: ``(f32[M, D], int32[M], self_pairs: bool[B, M])``.
+
+  Anchors come from the batch ``(embeddings, labels)`` and their positives and negatives from the
+  references: the batch itself when ``ref_embeddings`` and ``ref_labels`` are None (then
+  ``self_pairs`` is the diagonal, which a loss leaves out: a sample is never its own positive),
+  or a separate set given as both (e.g. a memory of past batches; ``self_pairs`` then marks only
+  the references with a negative label, the empty slots of a memory, and every other (anchor,
+  reference) pair counts). A loss leaves the ``self_pairs`` entries out of both its positives and
+  its negatives. Checks the references where they enter.
+  """
+  if (ref_embeddings is None) != (ref_labels is None):
+    raise ValueError("Give both ref_embeddings and ref_labels (a reference set), or neither (the "
+                     "batch is its own reference set).")
+  if ref_embeddings is None:
+    return embeddings, labels, jnp.eye(labels.shape[0], dtype=bool)
+  ref_labels = jnp.asarray(ref_labels)
+  if ref_labels.ndim != 1 or not (jnp.issubdtype(ref_labels.dtype, jnp.integer)
+                                  or ref_labels.dtype == jnp.bool_):
+    raise ValueError(f"ref_labels must be integers of rank 1 [num_references]; got shape "
+                     f"{tuple(ref_labels.shape)} and dtype {ref_labels.dtype}.")
+  ref_embeddings = jnp.asarray(ref_embeddings)
+  if ref_embeddings.ndim == 2 and ref_embeddings.shape[0] != ref_labels.shape[0]:
+    raise ValueError(f"ref_embeddings has {ref_embeddings.shape[0]} rows but ref_labels has "
+                     f"{ref_labels.shape[0]} entries.")
+  ref_embeddings, ref_labels = check_embeddings_and_labels(ref_embeddings, ref_labels,
+                                                           name="ref_embeddings")
+  if ref_embeddings.shape[1] != embeddings.shape[1]:
+    raise ValueError(f"ref_embeddings have dimension {ref_embeddings.shape[1]} but embeddings "
+                     f"have {embeddings.shape[1]}.")
+  # Slots with a negative label (an empty slot of a cross-batch memory) pair with nothing.
+  return (ref_embeddings, ref_labels,
+          jnp.broadcast_to(ref_labels[None, :] < 0, (labels.shape[0], ref_labels.shape[0])))

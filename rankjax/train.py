@@ -17,9 +17,17 @@ the model's, trained in their own optimizer groups; with ``config.xbm.enabled`` 
 holds a cross-batch memory of past global batches (:mod:`rankjax.cross_batch`). Both are
 checkpointed with the optimizer state, so a resumed run continues exactly.
 
-Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/`` (best
-``config.eval.best_metric``), see :mod:`rankjax.checkpoint`; TensorBoard scalars in
-``tensorboard/``; ``metrics.json`` with the final evaluation. :func:`rankjax.load_embedder` turns the directory into
+Protocol: every ``config.eval.every`` steps the *validation* split (classes carved from the
+training classes, :class:`rankjax.data.Protocol`) is evaluated and ``best/`` keeps the
+checkpoint with the best ``config.eval.best_metric``; at the end the test split
+(``config.eval.split``) is evaluated once, on that best checkpoint (or on the last state when
+there were no validation evaluations). The test split never chooses anything.
+
+Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/``, see
+:mod:`rankjax.checkpoint`; TensorBoard scalars in ``tensorboard/`` (``train/``, ``val/``,
+``test/``); ``metrics.json`` with the final evaluation and which checkpoint it is of
+(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics).
+:func:`rankjax.load_embedder` turns the directory into
 an embedding function.
 """
 
@@ -47,6 +55,7 @@ from rankjax import cross_batch
 from rankjax import diagnostics
 from rankjax import loss_params as loss_params_lib
 from rankjax import parallel
+from rankjax import seeding
 from rankjax import augment as device_augment
 from rankjax.evaluation import test_time
 
@@ -80,10 +89,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Config and logging (the evaluator first: a bad metric name fails before any work). ---
   configs.check_config(config)
   evaluator = evaluation.Evaluator(config.eval.metrics, distance=config.eval.distance,
-                                   chunk_size=config.eval.chunk_size, nmi_seed=config.seed)
+                                   chunk_size=config.eval.chunk_size,
+                                   nmi_seed=seeding.stream_seed(config.seed, "nmi"))
   _quiet_orbax_info_logs()
   if config.distributed:
     parallel.initialize_distributed()
+  parallel.check_same_config(config, workdir)  # Every process of a job runs the same experiment.
   is_chief = jax.process_index() == 0
   total_steps = config.train.steps
 
@@ -99,7 +110,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Model and loss (names and sizes are checked before any data is read). ---
   loss_fn = losses.get_loss(config.loss.name, **configs.loss_kwargs(config))
   models.check_image_size(config.model.name, config.image_size)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  protocol = data.Protocol.from_config(config.protocol)
+  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir, protocol=protocol)
+  if config.eval.every and not info.val_classes:
+    raise ValueError(
+        f"config.eval.every={config.eval.every} evaluates the validation split to choose the best "
+        f"checkpoint, but {config.dataset!r} has none under this protocol: set "
+        "config.protocol.val_fraction > 0 (choosing by the test split would leak it), or "
+        "config.eval.every=0.")
   model = build_model(config, info)
   train_graphdef, eval_graphdef, params, model_state = split_model(model)
   loss_params = init_loss_params(config, info)
@@ -130,7 +148,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_transform = make_batch_transform(config)
   train_step, state_sharding = parallel.jit_data_parallel(
       make_train_step(train_graphdef, loss_fn, tx, schedules, diagnostics_kwargs(config),
-                      batch_transform=batch_transform, memory=memory),
+                      batch_transform=batch_transform, memory=memory,
+                      loss_key=(seeding.stream_key(config.seed, "loss")
+                                if config.loss.name in losses.LOSSES_NEEDING_KEY else None)),
       state, mesh)
   state = jax.device_put(state, state_sharding)
 
@@ -151,27 +171,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = data.train_batches(
       config.dataset, classes_per_batch=config.classes_per_batch,
       samples_per_class=config.samples_per_class, image_size=config.image_size,
-      seed=config.seed, data_dir=config.data_dir, augment=config.augment,
-      start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      seed=seeding.stream_seed(config.seed, "data"), data_dir=config.data_dir,
+      augment=config.augment, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_shards=config.data_shards, protocol=protocol)
 
   # --- Evaluators. ---
   embed = make_eval_embed_fn(eval_graphdef, config, mesh)
 
-  def evaluate(state: TrainState) -> dict[str, float]:
+  def evaluate(variables: dict, split: str) -> dict[str, float]:
     views = len(test_time.shift_offsets(config.eval.test_time_shift))
-    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", config.eval.split,
+    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", split,
                  f" in {views} shifted views" if views > 1 else "",
                  ", ".join(config.eval.metrics))
     start = time.perf_counter()
-    embeddings, labels = embed_split(embed, model_variables(state), mesh, config)
+    embeddings, labels = embed_split(embed, variables, mesh, config, split=split)
     logging.info("Embedded %d images in %.1f s.", len(labels), time.perf_counter() - start)
     return {name: float(value) for name, value in evaluator.run(embeddings, labels)}
 
   # --- Loop. ---
   progress = _Progress(total_steps, start_step, global_batch_size)
   window = []
-  metrics = None
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.global_batch(next(batches), mesh)
     state, step_metrics = train_step(state, batch)
@@ -187,22 +206,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             **progress.rates(prefix="perf/")})
     if step % config.train.checkpoint_every == 0 or step == total_steps:
       ckpts.save(step, model_variables(state), training_variables(state), force=True)
-    if step == total_steps or (config.eval.every and step % config.eval.every == 0):
+    if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
       ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
-      metrics = evaluate(state)
-      logging.info("step %d eval on %s: %s", step, config.eval.split,
-                   " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-      writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-      ckpts.save_best(step, model_variables(state), metrics)
+      val_metrics = evaluate(model_variables(state), "val")
+      logging.info("step %d eval on val: %s", step,
+                   " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+      writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
+      ckpts.save_best(step, model_variables(state), val_metrics)
       progress.pause()  # Evaluation time is not training throughput.
 
-  if metrics is None:  # Already trained to the end (e.g. killed before metrics.json was written).
-    metrics = evaluate(state)
+  # --- The final evaluation, once: the best checkpoint by validation, else the last state. ---
   ckpts.wait()
+  report = {"checkpoint": "final", "checkpoint_step": int(state["step"])}
+  variables = model_variables(state)
+  if config.eval.every and ckpts.best_step is not None:
+    variables, best = checkpoint.restore_model(workdir, variables, which="best")
+    report = {"checkpoint": "best", "checkpoint_step": int(best["step"]),
+              "selected_by": f"val/{config.eval.best_metric}",
+              **{f"val/{k}": v for k, v in best["metrics"].items()}}
+  logging.info("Final evaluation on the %s split of the %s checkpoint (step %d).",
+               config.eval.split, report["checkpoint"], report["checkpoint_step"])
+  metrics = evaluate(variables, config.eval.split)
+  logging.info("%s: %s", config.eval.split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  writer.scalars(int(state["step"]), {f"{config.eval.split}/{k}": v for k, v in metrics.items()})
   ckpts.close()
   writer.close()
   if is_chief:
-    _write_json_atomically(os.path.join(workdir, METRICS_FILE), metrics)
+    _write_json_atomically(os.path.join(workdir, METRICS_FILE), {**metrics, **report})
   return metrics
 
 
@@ -225,24 +255,22 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
       freeze_batchnorm=config.model.freeze_batchnorm, dtype=jnp.dtype(config.model.dtype),
       pretrained=config.model.pretrained,
       backbone_options=config.model.backbone_options.to_dict() or None,
-      rngs=nnx.Rngs(config.seed))
+      rngs=nnx.Rngs(seeding.stream_key(config.seed, "init")))
 
 
 def init_loss_params(config: ml_collections.ConfigDict, info: Any) -> dict[str, jax.Array]:
   """The loss's own parameters at their start (:mod:`rankjax.loss_params`); ``{}`` for most.
 
   Sized by the training labels (``info.train_classes``, x4 with ``config.rotate_classes``) and
-  ``config.model.embedding_dim``; drawn from their own stream of ``config.seed``.
+  ``config.model.embedding_dim``; drawn from their own stream of ``config.seed``
+  (:mod:`rankjax.seeding`).
   """
   if not loss_params_lib.has_params(config.loss.name):
     return {}
   return loss_params_lib.init_loss_params(
       config.loss.name, configs.num_train_labels(config, info.train_classes),
-      config.model.embedding_dim, jax.random.fold_in(jax.random.key(config.seed), _LOSS_STREAM),
+      config.model.embedding_dim, seeding.stream_key(config.seed, "loss_params"),
       **configs.loss_kwargs(config))
-
-
-_LOSS_STREAM = 0x1055  # The fold of the seed's key that the loss's parameters are drawn from.
 
 
 def split_model(model: nnx.Module):
@@ -375,7 +403,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
 
 
 def param_groups(params: Any) -> Any:
-  """``"head"`` under the model's ``head``, its keyword for a loss parameter, else ``"backbone"``."""
+  """``"head"`` under the model's ``head``, its keyword for a loss parameter, else
+  ``"backbone"``."""
 
   def group(path, _):
     top = getattr(path[0], "key", None)
@@ -400,7 +429,8 @@ def diagnostics_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
                     schedules: dict[str, optax.Schedule], diagnostic_kwargs: dict[str, Any], *,
                     batch_transform: Callable[[dict, jax.Array], dict] | None = None,
-                    memory: cross_batch.MemorySettings | None = None
+                    memory: cross_batch.MemorySettings | None = None,
+                    loss_key: jax.Array | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
 
@@ -410,7 +440,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   ``batch_transform(batch, step)``, if given, augments the batch on the device first (e.g.
   :func:`make_batch_transform`). With ``memory``, the loss adds its term against the cross-batch
   memory ``state["xbm"]`` (:func:`rankjax.cross_batch.loss_with_memory`), which the step updates,
-  and ``metrics["xbm_loss"]`` is that term.
+  and ``metrics["xbm_loss"]`` is that term. A loss that samples (``losses.LOSSES_NEEDING_KEY``)
+  gets ``key=fold_in(loss_key, step)``.
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -421,7 +452,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
       model = nnx.merge(graphdef, params, state["model_state"])
       embeddings = model(batch["image"]).astype(jnp.float32)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-      options = trainable.get(LOSS_PARAMS, {})
+      options = dict(trainable.get(LOSS_PARAMS, {}))
+      if loss_key is not None:
+        options["key"] = jax.random.fold_in(loss_key, state["step"])
       if memory is None:
         return loss_fn(embeddings, batch["label"], **options), (embeddings, new_model_state, {})
       loss, xbm, memory_loss = cross_batch.loss_with_memory(
@@ -453,17 +486,18 @@ def make_batch_transform(config: ml_collections.ConfigDict
 
   ``config.affine`` (a random rotation, scale and shift per image,
   :func:`rankjax.augment.random_affine`) comes first, then ``config.rotate_classes``
-  (:func:`rankjax.augment.rotate_classes`); each draws from its own key derived
-  from ``config.seed``.
+  (:func:`rankjax.augment.rotate_classes`); each draws from its own stream of ``config.seed``
+  (:mod:`rankjax.seeding`).
   """
   affine = dict(config.affine)
   transforms = []
   if not device_augment.is_identity(**affine):
     transforms.append(functools.partial(device_augment.random_affine,
-                                        key=jax.random.key(config.seed + 1), **affine))
+                                        key=seeding.stream_key(config.seed, "device_augment"),
+                                        **affine))
   if config.rotate_classes:
     transforms.append(functools.partial(device_augment.rotate_classes,
-                                        key=jax.random.key(config.seed)))
+                                        key=seeding.stream_key(config.seed, "rotate_classes")))
   if not transforms:
     return None
 
@@ -506,21 +540,27 @@ def make_eval_embed_fn(eval_graphdef: nnx.GraphDef, config: ml_collections.Confi
 
 
 def embed_split(embed: Callable, variables: dict, mesh: jax.sharding.Mesh,
-                config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """Embeds every image of ``config.eval.split`` once: ``(f32[N, E], int32[N])`` on the host."""
+                config: ml_collections.ConfigDict, *, split: str | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Embeds every image of ``split`` (default ``config.eval.split``) once, on the host.
+
+  Returns ``(f32[N, E], int32[N])``. With several processes each embeds its shard; every process
+  gets all ``N`` embeddings, in the split's own order (so the metrics equal a single process's).
+  """
   from rankjax import data  # pylint: disable=g-import-not-at-top
-  embeddings, labels = [], []
+  outs = []
   for host_batch in data.eval_batches(
       config.dataset, batch_size=config.eval.batch_size, image_size=config.image_size,
-      split=config.eval.split, data_dir=config.data_dir, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+      split=split or config.eval.split, data_dir=config.data_dir,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      protocol=config.protocol):
     batch = parallel.global_batch(host_batch, mesh)
-    out = parallel.to_host({"embedding": embed(variables, batch["image"]),
-                            "label": batch["label"], "mask": batch["mask"]})
-    keep = np.asarray(out["mask"]).astype(bool)
-    embeddings.append(np.asarray(out["embedding"])[keep])
-    labels.append(np.asarray(out["label"])[keep])
-  return np.concatenate(embeddings), np.concatenate(labels)
+    outs.append(parallel.to_host({"embedding": embed(variables, batch["image"]),
+                                  "label": batch["label"], "mask": batch["mask"]}))
+  out = {k: parallel.process_order(np.concatenate([o[k] for o in outs]), config.eval.batch_size)
+         for k in outs[0]}
+  keep = out["mask"].astype(bool)
+  return out["embedding"][keep], out["label"][keep]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +635,19 @@ class _SummaryWriter:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+def read_scalars(workdir: str, tag: str) -> dict[int, float]:
+  """``{step: value}`` of the TensorBoard scalar ``tag`` (e.g. ``"train/loss"``) a run wrote."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  logdir = os.path.join(workdir, "tensorboard")
+  values = {}
+  for name in sorted(os.listdir(logdir)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
 
 
 def _log_config_changes(path: str, config: ml_collections.ConfigDict) -> None:

@@ -14,7 +14,8 @@ from rankjax.models import keras_import, layers, resnet, weights
 # Width-8 versions of the real layouts: the same code path, fast enough for a test.
 TINY = {"resnet18": {"num_filters": 8}, "resnet34": {"num_filters": 8},
         "resnet50": {"num_filters": 8}, "small_resnet": {"widths": (4, 8, 8, 16)},
-        "conv4": {"width": 8}, "conv4_strided": {"width": 8}, "resnet_tiny": {}}
+        "conv4": {"width": 8}, "conv4_strided": {"width": 8}, "resnet_tiny": {},
+        "efficientnet_lite0": {}}
 
 
 def _images(shape, seed=0):
@@ -164,6 +165,69 @@ def test_patch_route_accepts_dimension_numbers_as_strings():
   ref = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_allclose(ours(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    ((9, 8), 3, 1, "SAME"), ((8, 8), 3, 2, "SAME"), ((7, 9), 3, 2, "SAME"),
+    ((8, 10), 5, 2, "SAME"), ((6, 6), 5, 1, "SAME"), ((8, 8), 3, 2, ((0, 1), (0, 1))),
+    ((7, 7), 5, 2, ((1, 2), (2, 1))), ((5, 6), 3, 1, "VALID")])
+def test_depthwise_route_matches_lax_grouped_conv_values_and_gradients(size, kernel, stride,
+                                                                       padding):
+  # On the CPU a depthwise convolution is a sum of shifted slices times per-channel weights.
+  channels = 6
+  x, w = _images((3, *size, channels)), _images((kernel, kernel, 1, channels), seed=1)
+  args = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+  ref = lambda w, x: jax.lax.conv_general_dilated(x, w, (stride, stride), padding, **args)
+  ours = lambda w, x: layers.conv_general_dilated(x, w, (stride, stride), padding, **args)
+  assert "conv_general_dilated" not in _primitives(ours, w, x)
+  out = ref(w, x)
+  if isinstance(padding, str) and padding == "SAME":  # TensorFlow's output size, ceil(n / s).
+    assert out.shape[1:3] == tuple(-(-n // stride) for n in size)
+  np.testing.assert_allclose(ours(w, x), out, rtol=1e-5, atol=1e-5)
+  cotangent = _images(out.shape, seed=2)
+  for arg in (0, 1):
+    g_ours = jax.grad(lambda w, x: jnp.sum(ours(w, x) * cotangent), argnums=arg)(w, x)
+    g_ref = jax.grad(lambda w, x: jnp.sum(ref(w, x) * cotangent), argnums=arg)(w, x)
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_route_when_switched_on_matches_lax(monkeypatch, stride):
+  x, w = _images((2, 7, 6, 5)), _images((1, 1, 5, 3), seed=1)
+  numbers = ("NHWC", "HWIO", "NHWC")
+  ours = lambda w, x: layers.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                                  dimension_numbers=numbers)
+  ref = lambda w, x: jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                                  dimension_numbers=numbers)
+  # Off by default. (A fresh function for each check: JAX caches traces by function.)
+  assert "conv_general_dilated" in _primitives(lambda w, x: ours(w, x), w, x)
+  monkeypatch.setattr(layers, "CPU_ROUTES", layers.CPU_ROUTES | {"pointwise"})
+  assert "conv_general_dilated" not in _primitives(lambda w, x: ours(w, x), w, x)
+  np.testing.assert_allclose(ours(w, x), ref(w, x), rtol=1e-5, atol=1e-5)
+  cotangent = _images(ref(w, x).shape, seed=2)
+  for arg in (0, 1):
+    g_ours = jax.grad(lambda w, x: jnp.sum(ours(w, x) * cotangent), argnums=arg)(w, x)
+    g_ref = jax.grad(lambda w, x: jnp.sum(ref(w, x) * cotangent), argnums=arg)(w, x)
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_route_takes_only_depthwise_convolutions():
+  x = _images((2, 6, 6, 4))
+  args = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  for w, groups in ((_images((3, 3, 2, 4)), 2), (_images((3, 3, 1, 8)), 4)):  # grouped; x2
+    ours = lambda x, w=w, g=groups: layers.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                                feature_group_count=g, **args)
+    assert "conv_general_dilated" in _primitives(ours, x)
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=groups, **args)
+    np.testing.assert_allclose(ours(x), ref, rtol=1e-5, atol=1e-5)
+  # bfloat16 stays bfloat16.
+  w = _images((3, 3, 1, 4)).astype(jnp.bfloat16)
+  y = layers.conv_general_dilated(x.astype(jnp.bfloat16), w, (1, 1), "SAME",
+                                  feature_group_count=4, **args)
+  ref = jax.lax.conv_general_dilated(x, w.astype(jnp.float32), (1, 1), "SAME",
+                                     feature_group_count=4, **args)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=5e-2, atol=5e-2)
 
 
 # ---------------------------------------------------------------- pooling and the head
@@ -383,9 +447,10 @@ def keras_resnet50():
   """A Keras ResNet50 with random weights, and random BatchNorm statistics and conv biases.
 
   Keras initialises the statistics to (0, 1) and the biases to 0; randomising them makes the test
-  see the bias folding, the epsilon and the statistics mapping.
+  see the bias folding, the epsilon and the statistics mapping. Keras is in the ``test`` extra, so
+  these tests run wherever the test suite does (an import error, not a skip, when it is missing).
   """
-  keras = pytest.importorskip("keras")
+  import keras  # pylint: disable=g-import-not-at-top
   model = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg")
   rng = np.random.default_rng(0)
   for layer in model.layers:
@@ -431,7 +496,7 @@ def test_keras_resnet50_import_reproduces_keras_features(keras_resnet50, convert
 
 
 def test_pretrained_imagenet_offline_error_and_cache(monkeypatch, tmp_path, converted_file):
-  keras = pytest.importorskip("keras")
+  import keras  # pylint: disable=g-import-not-at-top
 
   def no_internet(*args, **kwargs):
     raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- "
@@ -441,7 +506,7 @@ def test_pretrained_imagenet_offline_error_and_cache(monkeypatch, tmp_path, conv
   monkeypatch.setenv("RANKJAX_CACHE_DIR", str(tmp_path))
   with pytest.raises(RuntimeError, match=r"could not fetch.*internet.*pretrained='path/to"):
     models.get_model("resnet50", pretrained="imagenet", rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="'resnet50' only"):
+  with pytest.raises(ValueError, match="'resnet50' and 'efficientnet_lite0' only"):
     models.get_model("resnet18", pretrained="imagenet", rngs=nnx.Rngs(0))
   # A converted file in the cache is used without asking Keras.
   os.symlink(converted_file, tmp_path / keras_import.IMAGENET_FILE)

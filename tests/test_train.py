@@ -445,7 +445,9 @@ def _main_command(workdir, steps):
           f"--config={CONFIG_DIR}/digits.py:triplet_semihard,runlocal",
           f"--workdir={workdir}", f"--config.train.steps={steps}",
           "--config.train.checkpoint_every=3", "--config.train.log_every=3",
-          "--config.eval.every=6"]
+          # Digits 3-4 validate (the best checkpoint is chosen by them), 0-2 train.
+          "--config.eval.every=6", "--config.protocol.val_fraction=0.4",
+          "--config.classes_per_batch=3"]
 
 
 def test_resume_after_sigkill_gives_the_same_metrics(tmp_path):
@@ -477,3 +479,61 @@ def test_resume_after_sigkill_gives_the_same_metrics(tmp_path):
   got = json.loads((killed / train.METRICS_FILE).read_text())
   assert got == want
   assert {"recall@1", "recall@8", "map@r", "r_precision", "nmi"} <= set(got)
+  assert got["checkpoint"] == "best" and got["selected_by"] == "val/recall@1"
+  assert got["checkpoint_step"] in (6, 12)
+
+
+# --- The validation split chooses the checkpoint; the test split is evaluated once. ---
+
+
+def test_best_checkpoint_is_chosen_by_the_validation_split(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = _load_config_module("digits").get_config("triplet_semihard,runlocal")
+  config.train.steps, config.eval.every, config.train.checkpoint_every = 6, 2, 2
+  config.protocol.val_fraction = 0.4  # Digits 3-4 validate, 0-2 train, 5-9 test.
+  config.classes_per_batch = 3
+  config.eval.best_metric = "map@r"
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  report = json.loads((tmp_path / train.METRICS_FILE).read_text())
+  val = {}
+  for path in (tmp_path / "tensorboard").glob("events*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.tag == "val/map@r":
+          val[event.step] = float(tf.make_ndarray(v.tensor))
+  assert sorted(val) == [2, 4, 6]
+  best = max(val.values())
+  assert report["checkpoint"] == "best" and report["selected_by"] == "val/map@r"
+  assert report["val/map@r"] == pytest.approx(best, abs=1e-6)
+  assert val[report["checkpoint_step"]] == pytest.approx(best, abs=1e-6)
+  # The reported test metrics are the best checkpoint's (not the last state's).
+  variables, progress = checkpoint.restore_model(str(tmp_path), _abstract_variables(config),
+                                                 which="best")
+  assert progress["step"] == report["checkpoint_step"]
+  from rankjax import data  # pylint: disable=g-import-not-at-top
+  info = data.get_dataset_info("digits", protocol=config.protocol)
+  assert (info.train_classes, info.val_classes, info.test_classes) == (3, 2, 5)
+  _, eval_graphdef, _, _ = train.split_model(train.build_model(config, info))
+  embed = train.make_eval_embed_fn(eval_graphdef, config)
+  images, labels = [], []
+  for batch in data.eval_batches("digits", batch_size=128, image_size=16, split="test"):
+    images.append(np.asarray(embed(variables, batch["image"]))[batch["mask"]])
+    labels.append(batch["label"][batch["mask"]])
+  from rankjax import evaluation  # pylint: disable=g-import-not-at-top
+  again = evaluation.retrieval_metrics(np.concatenate(images), np.concatenate(labels), ks=(1,))
+  assert again["map@r"] == pytest.approx(metrics["map@r"], abs=1e-4)
+  assert set(np.concatenate(labels).tolist()) == {5, 6, 7, 8, 9}
+
+
+def _abstract_variables(config):
+  from rankjax import data  # pylint: disable=g-import-not-at-top
+  info = data.get_dataset_info(config.dataset, protocol=config.protocol)
+  _, _, params, model_state = train.split_model(train.build_model(config, info))
+  return {"params": params, "model_state": model_state}
+
+
+def test_periodic_evaluation_without_a_validation_split_is_an_error(tmp_path):
+  config = _load_config_module("digits").get_config("triplet_semihard,runlocal")
+  config.eval.every = 2
+  with pytest.raises(ValueError, match="has none under this protocol"):
+    train.train_and_evaluate(config, str(tmp_path))

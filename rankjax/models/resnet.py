@@ -157,13 +157,7 @@ class ResNet(nnx.Module):
     self.downsampling = 4 * 2**(len(stage_sizes) - 1)
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    x = images
-    if self.input_transform is not None:
-      scale, offset, reverse_channels = self.input_transform
-      x = x * jnp.asarray(scale, x.dtype) + jnp.asarray(offset, x.dtype)
-      if reverse_channels:
-        x = x[..., ::-1]
-    x = x.astype(self.dtype)
+    x = layers.apply_input_transform(images, self.input_transform).astype(self.dtype)
     x = nnx.relu(self.stem_bn(self.stem_conv(x)))
     # Padding with -inf equals Keras' zero padding here: the input is a ReLU output, >= 0.
     x = layers.max_pool(x, 3, 2, padding=1)

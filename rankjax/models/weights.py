@@ -69,11 +69,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_weights(module: nnx.Module, path: str | os.PathLike, *,
-                 architecture: str | None = None) -> dict[str, str]:
+                 architecture: str | None = None,
+                 optional_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
   """Loads the ``.npz`` file ``path`` into ``module`` in place and returns its metadata.
 
   ``module`` may be abstract (``nnx.eval_shape(lambda: ResNet50(rngs=...))``), which skips the
-  random initialisation that loading would overwrite.
+  random initialisation that loading would overwrite. Arrays of the file under one of
+  ``optional_prefixes`` (e.g. ``("classifier/",)``: an ImageNet classifier) are skipped when the
+  module has no such variables.
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
@@ -89,18 +92,23 @@ def load_weights(module: nnx.Module, path: str | os.PathLike, *,
   if architecture is not None and meta.get("architecture") != architecture:
     raise ValueError(f"{path!r} holds weights for {meta.get('architecture')!r}, not for "
                      f"{architecture!r}.")
-  assign_arrays(module, stored, source=repr(path))
+  assign_arrays(module, stored, source=repr(path), optional_prefixes=optional_prefixes)
   return meta
 
 
-def assign_arrays(module: nnx.Module, arrays: dict[str, np.ndarray], *, source: str) -> None:
+def assign_arrays(module: nnx.Module, arrays: dict[str, np.ndarray], *, source: str,
+                  optional_prefixes: tuple[str, ...] = ()) -> None:
   """Sets every variable of ``module`` from ``arrays`` (``{path: array}``), in place.
+
+  Arrays under ``optional_prefixes`` that the module has no variable for are skipped.
 
   Raises:
     ValueError: naming ``source``, when arrays are missing, unexpected or differently shaped.
   """
   flat = list(nnx.to_flat_state(nnx.state(module)))
   expected = {_key(p): v for p, v in flat}
+  arrays = {k: v for k, v in arrays.items()
+            if k in expected or not k.startswith(tuple(optional_prefixes))}
   missing = sorted(set(expected) - set(arrays))
   unexpected = sorted(set(arrays) - set(expected))
   wrong_shape = [f"{k}: {np.shape(arrays[k])} instead of {tuple(expected[k].shape)}"
