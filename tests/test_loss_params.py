@@ -32,7 +32,9 @@ def test_proxy_losses_have_one_proxy_per_training_label():
     assert set(loss_params.specs(name)) == {"proxies"}
     params = loss_params.init_loss_params(name, 7, 5, jax.random.key(0),
                                           **configs.LOSS_DEFAULTS[name])
-    assert params["proxies"].shape == (7, 5) and params["proxies"].dtype == jnp.float32
+    sub_centers = configs.LOSS_DEFAULTS[name].get("sub_centers")
+    shape = (7, 5) if sub_centers is None else (7, sub_centers, 5)
+    assert params["proxies"].shape == shape and params["proxies"].dtype == jnp.float32
   for name in ("contrastive", "triplet_semihard", "npairs", "multi_similarity"):
     assert not loss_params.has_params(name)
     assert loss_params.init_loss_params(name, 7, 5, jax.random.key(0)) == {}
