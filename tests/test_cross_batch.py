@@ -54,9 +54,9 @@ def test_enqueue_writes_a_ring_and_reports_the_slots():
 
 
 @pytest.mark.parametrize("name", ["contrastive", "triplet_semihard", "triplet_all",
-                                  "multi_similarity"])
+                                  "multi_similarity", "supcon", "margin"])
 def test_loss_with_memory_is_batch_loss_plus_weighted_memory_loss(name):
-  loss_fn = losses.get_loss(name)
+  loss_fn = losses.get_loss(name, **({"key": jax.random.key(1)} if name == "margin" else {}))
   settings = cross_batch.MemorySettings(size=40, start_step=2, weight=0.5)
   memory = cross_batch.init_memory(40, 4)
   ring_x, ring_y, pointer = np.zeros((40, 4), np.float32), -np.ones(40, np.int32), 0
@@ -89,6 +89,26 @@ def test_loss_with_memory_is_batch_loss_plus_weighted_memory_loss(name):
       np.testing.assert_array_equal(new_memory["labels"], ring_y)
     assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
     memory = new_memory
+
+
+@pytest.mark.parametrize("name", ["supcon", "margin"])
+def test_supcon_and_margin_leave_out_each_anchors_own_copy(name):
+  # The batch as its own references with ref_self_index = i is the loss without references: the
+  # same value, and the gradients through anchors and references add up to its gradient. Margin
+  # draws the same negatives from the same key over the same distances.
+  options = {"key": jax.random.key(3)} if name == "margin" else {}
+  fn = losses.get_loss(name, **options)
+  x, y = next(_batches(1, seed=7))
+  value, grad = jax.value_and_grad(fn)(x, y)
+  with_refs, (grad_x, grad_r) = jax.value_and_grad(
+      lambda z, r: fn(z, y, ref_embeddings=r, ref_labels=y, ref_self_index=np.arange(16)),
+      argnums=(0, 1))(x, x)
+  assert float(value) > 0
+  np.testing.assert_allclose(float(with_refs), float(value), rtol=1e-5)
+  np.testing.assert_allclose(grad_x + grad_r, grad, rtol=1e-4, atol=1e-6)
+  # Without the index each anchor meets its own copy, which changes the loss.
+  plain = fn(x, y, ref_embeddings=x, ref_labels=y)
+  assert abs(float(plain) - float(value)) > 1e-4
 
 
 def test_memory_term_equals_pytorch_metric_learning_cross_batch_memory():
@@ -271,7 +291,7 @@ def test_bad_xbm_configs_are_errors(changes, match):
 def test_losses_that_take_a_memory():
   able = {name for name in configs.LOSS_NAMES if cross_batch.accepts_references(name)}
   assert {"contrastive", "triplet_semihard", "triplet_hard", "triplet_all",
-          "multi_similarity"} <= able
+          "multi_similarity", "supcon", "margin"} <= able
   assert not able & {"npairs", "angular", "npairs_angular", "lifted_structure", "proxy_anchor",
                      "normalized_softmax"}
   config = configs.base_config()
