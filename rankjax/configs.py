@@ -39,6 +39,11 @@ network's (Proxy-Anchor's recipe); sub-center ArcFace learns ``sub_centers`` pro
 key at every step (:data:`rankjax.losses.LOSSES_NEEDING_KEY`); ``loss.margin.beta`` is its
 :math:`\beta`.
 
+``config.xbm`` adds a cross-batch memory (Wang et al. 2020, :mod:`rankjax.cross_batch`) to the
+losses that take a reference set (contrastive, triplet, multi-similarity, margin, supcon):
+``enabled``, ``size`` (M embeddings), ``start_step`` (the warm-up) and ``weight`` of the memory
+term, by default the authors' code's 8192, 2000 and 1.0.
+
 ``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
 N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
 instead); the triplet and contrastive margins assume unit-norm embeddings; angular,
@@ -165,8 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Cross-batch memory (rankjax.cross_batch; Wang et al. 2020): from step `start_step` on, the loss
   # also compares each batch with the embeddings of the last `size` training images, that term
-  # weighted by `weight`. Pair-based losses only (contrastive, triplet, multi-similarity).
-  # Defaults: the authors' code's.
+  # weighted by `weight`. Pair-based losses only (contrastive, triplet, multi-similarity, margin,
+  # supcon). Defaults: the authors' code's.
   c.xbm = ml_collections.ConfigDict(
       {"enabled": False, "size": 8192, "start_step": 2000, "weight": 1.0})
 

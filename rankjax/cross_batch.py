@@ -23,8 +23,9 @@ On several devices the batch is the global batch, so the memory holds global bat
 is the same on any number of devices. The memory is part of the train state (``state["xbm"]``)
 and of its checkpoints, so a resumed run continues with the same memory.
 
-Only losses that take a reference set (``ref_embeddings``) can use it: contrastive, triplet
-(every mining mode) and multi-similarity; :func:`check_loss` says which.
+Only losses that take a reference set (``ref_embeddings``, ``ref_self_index``) can use it:
+contrastive, triplet (every mining mode), multi-similarity, margin and supervised contrastive;
+:func:`check_loss` says which.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def settings(config) -> MemorySettings | None:
 
 
 def accepts_references(loss_name: str) -> bool:
-  """Whether the loss called ``loss_name`` (a config or function name) takes ``ref_embeddings``."""
+  """Whether the loss called ``loss_name`` (a config or function name) takes a memory: a reference
+  set and the index of each anchor's own copy in it (``ref_embeddings``, ``ref_self_index``)."""
   from rankjax import losses  # pylint: disable=g-import-not-at-top
   fn, _ = losses.LOSSES[loss_name]
-  return "ref_embeddings" in inspect.signature(fn).parameters
+  return {"ref_embeddings", "ref_self_index"} <= set(inspect.signature(fn).parameters)
 
 
 def check_loss(loss_name: str) -> None:

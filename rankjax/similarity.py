@@ -299,21 +299,26 @@ def check_references(embeddings: jax.Array, labels: jax.Array, ref_embeddings, r
   return ref_embeddings, ref_labels, ref_self_index
 
 
-def reference_set(embeddings: jax.Array, labels: jax.Array, ref_embeddings=None, ref_labels=None):
+def reference_set(embeddings: jax.Array, labels: jax.Array, ref_embeddings=None, ref_labels=None,
+                  ref_self_index=None):
   """The references of a pair loss: ``(f32[M, D], int32[M], self_pairs: bool[B, M])``.
 
   Anchors come from the batch ``(embeddings, labels)`` and their positives and negatives from the
   references: the batch itself when ``ref_embeddings`` and ``ref_labels`` are None (then
   ``self_pairs`` is the diagonal, which a loss leaves out: a sample is never its own positive),
   or a separate set given as both (e.g. a memory of past batches; ``self_pairs`` then marks only
-  the references with a negative label, the empty slots of a memory, and every other (anchor,
-  reference) pair counts). A loss leaves the ``self_pairs`` entries out of both its positives and
-  its negatives. Checks the references where they enter.
+  the references with a negative label, the empty slots of a memory, and the pairs
+  ``(i, ref_self_index[i])`` when given: each anchor's own copy, in a memory that already holds
+  the batch; every other (anchor, reference) pair counts). A loss leaves the ``self_pairs``
+  entries out of both its positives and its negatives. Checks the references where they enter.
   """
   if (ref_embeddings is None) != (ref_labels is None):
     raise ValueError("Give both ref_embeddings and ref_labels (a reference set), or neither (the "
                      "batch is its own reference set).")
   if ref_embeddings is None:
+    if ref_self_index is not None:
+      raise ValueError("ref_self_index needs ref_embeddings and ref_labels: without references "
+                       "the batch is its own reference set and its diagonal is excluded already.")
     return embeddings, labels, jnp.eye(labels.shape[0], dtype=bool)
   ref_labels = jnp.asarray(ref_labels)
   if ref_labels.ndim != 1 or not (jnp.issubdtype(ref_labels.dtype, jnp.integer)
@@ -329,6 +334,10 @@ def reference_set(embeddings: jax.Array, labels: jax.Array, ref_embeddings=None,
   if ref_embeddings.shape[1] != embeddings.shape[1]:
     raise ValueError(f"ref_embeddings have dimension {ref_embeddings.shape[1]} but embeddings "
                      f"have {embeddings.shape[1]}.")
-  # Slots with a negative label (an empty slot of a cross-batch memory) pair with nothing.
+  _, _, ref_self_index = check_references(embeddings, labels, ref_embeddings, ref_labels,
+                                          ref_self_index)
+  # Slots with a negative label (an empty slot of a cross-batch memory) pair with nothing, nor
+  # does an anchor with its own copy.
+  excluded = ~_usable_references(ref_labels, ref_self_index)
   return (ref_embeddings, ref_labels,
-          jnp.broadcast_to(ref_labels[None, :] < 0, (labels.shape[0], ref_labels.shape[0])))
+          jnp.broadcast_to(excluded, (labels.shape[0], ref_labels.shape[0])))

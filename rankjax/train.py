@@ -12,6 +12,11 @@ is computed on the *global* batch, so every anchor meets negatives from every de
 BatchNorm statistics are global (synchronised BatchNorm, by construction). One step on 8 devices
 therefore equals one step on 1 device with the same global batch.
 
+A loss's own parameters (class proxies, :mod:`rankjax.loss_params`) live in the train state beside
+the model's, trained in their own optimizer groups; with ``config.xbm.enabled`` the state also
+holds a cross-batch memory of past global batches (:mod:`rankjax.cross_batch`). Both are
+checkpointed with the optimizer state, so a resumed run continues exactly.
+
 Protocol: every ``config.eval.every`` steps the *validation* split (classes carved from the
 training classes, :class:`rankjax.data.Protocol`) is evaluated and ``best/`` keeps the
 checkpoint with the best ``config.eval.best_metric``; at the end the test split

@@ -4,7 +4,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 import types
 
 import jax
@@ -55,9 +54,9 @@ def test_enqueue_writes_a_ring_and_reports_the_slots():
 
 
 @pytest.mark.parametrize("name", ["contrastive", "triplet_semihard", "triplet_all",
-                                  "multi_similarity"])
+                                  "multi_similarity", "supcon", "margin"])
 def test_loss_with_memory_is_batch_loss_plus_weighted_memory_loss(name):
-  loss_fn = losses.get_loss(name)
+  loss_fn = losses.get_loss(name, **({"key": jax.random.key(1)} if name == "margin" else {}))
   settings = cross_batch.MemorySettings(size=40, start_step=2, weight=0.5)
   memory = cross_batch.init_memory(40, 4)
   ring_x, ring_y, pointer = np.zeros((40, 4), np.float32), -np.ones(40, np.int32), 0
@@ -79,8 +78,9 @@ def test_loss_with_memory_is_batch_loss_plus_weighted_memory_loss(name):
       pointer = (pointer + 16) % 40
       # The memory term: anchors from the batch, references the memory after the write, each
       # anchor's own copy left out; the memory carries no gradient.
-      against = lambda z, r: loss_fn(z, y, ref_embeddings=r, ref_labels=ring_y,
-                                     ref_self_index=slots)
+      def against(z, r, y=y, labels=ring_y.copy(), slots=slots):
+        return loss_fn(z, y, ref_embeddings=r, ref_labels=labels, ref_self_index=slots)
+
       mem_value, mem_grad = jax.value_and_grad(against)(x, ring_x)
       np.testing.assert_allclose(memory_loss, mem_value, rtol=1e-6)
       np.testing.assert_allclose(value, batch_value + 0.5 * mem_value, rtol=1e-5)
@@ -89,6 +89,26 @@ def test_loss_with_memory_is_batch_loss_plus_weighted_memory_loss(name):
       np.testing.assert_array_equal(new_memory["labels"], ring_y)
     assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
     memory = new_memory
+
+
+@pytest.mark.parametrize("name", ["supcon", "margin"])
+def test_supcon_and_margin_leave_out_each_anchors_own_copy(name):
+  # The batch as its own references with ref_self_index = i is the loss without references: the
+  # same value, and the gradients through anchors and references add up to its gradient. Margin
+  # draws the same negatives from the same key over the same distances.
+  options = {"key": jax.random.key(3)} if name == "margin" else {}
+  fn = losses.get_loss(name, **options)
+  x, y = next(_batches(1, seed=7))
+  value, grad = jax.value_and_grad(fn)(x, y)
+  with_refs, (grad_x, grad_r) = jax.value_and_grad(
+      lambda z, r: fn(z, y, ref_embeddings=r, ref_labels=y, ref_self_index=np.arange(16)),
+      argnums=(0, 1))(x, x)
+  assert float(value) > 0
+  np.testing.assert_allclose(float(with_refs), float(value), rtol=1e-5)
+  np.testing.assert_allclose(grad_x + grad_r, grad, rtol=1e-4, atol=1e-6)
+  # Without the index each anchor meets its own copy, which changes the loss.
+  plain = fn(x, y, ref_embeddings=x, ref_labels=y)
+  assert abs(float(plain) - float(value)) > 1e-4
 
 
 def test_memory_term_equals_pytorch_metric_learning_cross_batch_memory():
@@ -219,44 +239,23 @@ def test_resumed_run_continues_with_the_same_memory(tmp_path):
 
 # --- Memory: M = 65,536 at D = 128, B = 512 under 2 GiB -------------------------------------------
 
-_MEMORY_SCRIPT = textwrap.dedent("""
-    import sys
-    import jax, jax.numpy as jnp, numpy as np
-    from rankjax import cross_batch, losses
-    name, classes = sys.argv[1], int(sys.argv[2])
-    batch, dim, size = 512, 128, 65536
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(size=(batch, dim), dtype=np.float32) / np.sqrt(dim))
-    y = jnp.asarray(rng.permutation(classes)[:128].repeat(4), jnp.int32)  # 128 classes x 4
-    memory = {"embeddings": jnp.asarray(rng.standard_normal(size=(size, dim), dtype=np.float32)),
-              "labels": jnp.asarray(rng.integers(0, classes, size=size), jnp.int32),
-              "pointer": jnp.int32(0)}
-    settings = cross_batch.MemorySettings(size, 0, 1.0)
-    loss_fn = losses.get_loss(name)
-
-    def step(x, y, memory):
-      def loss(x):
-        value, memory_after, _ = cross_batch.loss_with_memory(loss_fn, x, y, memory, 0, settings)
-        return value, memory_after
-      return jax.value_and_grad(loss, has_aux=True)(x)
-
-    compiled = jax.jit(step, donate_argnums=2).lower(x, y, memory).compile()
-    (value, memory), grad = compiled(x, y, memory)
-    assert np.isfinite(float(value)) and bool(jnp.all(jnp.isfinite(grad)))
-    assert int(memory["pointer"]) == batch
-    # VmHWM: this process image's peak resident set.
-    print([int(line.split()[1]) // 1024 for line in open("/proc/self/status")
-           if line.startswith("VmHWM")][0])
-""")
+def _benchmark_module():
+  spec = importlib.util.spec_from_file_location(
+      "losses_benchmark", os.path.join(REPO, "benchmarks", "losses.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_memory_of_65536_at_batch_512_is_under_two_gib():
   # The largest-footprint losses in a fresh process each: semi-hard with SOP-like classes (about
   # 6 per class in the memory: positive slots), batch-all with 128 classes (512 positives per
   # anchor: sorted rows).
+  # The benchmark's own script: the XBM step's value and gradient, jitted, in a fresh process.
+  script = _benchmark_module().XBM_MEMORY_SCRIPT
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   runs = [("triplet_semihard", 11318), ("triplet_all", 128)]
-  procs = {run: subprocess.Popen([sys.executable, "-c", _MEMORY_SCRIPT, run[0], str(run[1])],
+  procs = {run: subprocess.Popen([sys.executable, "-c", script, run[0], str(run[1]), "65536"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True) for run in runs}
   peaks = {}
@@ -292,7 +291,7 @@ def test_bad_xbm_configs_are_errors(changes, match):
 def test_losses_that_take_a_memory():
   able = {name for name in configs.LOSS_NAMES if cross_batch.accepts_references(name)}
   assert {"contrastive", "triplet_semihard", "triplet_hard", "triplet_all",
-          "multi_similarity"} <= able
+          "multi_similarity", "supcon", "margin"} <= able
   assert not able & {"npairs", "angular", "npairs_angular", "lifted_structure", "proxy_anchor",
                      "normalized_softmax"}
   config = configs.base_config()

@@ -5,13 +5,17 @@ every matrix product, forward and backward: the ``precision`` of each ``dot_gene
 traced program (``jax.make_jaxpr``), sub-programs (custom VJPs, ``cond``, loops) included.
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rankjax import configs
 from rankjax import losses
 from rankjax import similarity
+from rankjax import train
 
 HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
 DEFAULT = (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)
@@ -47,21 +51,44 @@ def _loss_and_grad_jaxpr(fn, *args):
   return jax.make_jaxpr(jax.value_and_grad(fn))(*args)
 
 
-@pytest.mark.parametrize("name", ["contrastive", "triplet_semihard", "triplet_hard",
-                                  "triplet_all", "npairs", "angular", "npairs_angular",
-                                  "lifted_structure", "multi_similarity"])
+def _extra_arguments(name):
+  """What a loss takes besides the batch: its parameters (proxies, beta) and a PRNG key."""
+  info = type("Info", (), {"train_classes": 4})
+  config = configs.with_loss(configs.base_config(), name)
+  config.model.embedding_dim = X.shape[1]
+  extra = dict(train.init_loss_params(config, info))
+  if name in losses.LOSSES_NEEDING_KEY:
+    extra["key"] = jax.random.key(0)
+  return extra
+
+
+# Every config loss with the option; proxy_anchor and normalized_softmax have no precision=
+# option yet and are checked at their (HIGHEST) default below.
+PRECISION_LOSSES = [name for name in configs.LOSS_NAMES
+                    if "precision" in inspect.signature(losses.LOSSES[name][0]).parameters]
+
+
+@pytest.mark.parametrize("name", PRECISION_LOSSES)
 def test_every_loss_runs_its_matmuls_at_highest_unless_told(name):
+  extra = _extra_arguments(name)
   for options in ({}, {"distance": "cosine"}, {"distance": "squared_euclidean"}):
     fn = losses.get_loss(name)
     if options and "distance" not in fn.func.__kwdefaults__:
       continue
-    jaxpr = _loss_and_grad_jaxpr(lambda x, o=options: fn(x, Y, **o), X)
+    jaxpr = _loss_and_grad_jaxpr(lambda x, o=options: fn(x, Y, **extra, **o), X)
     precisions = dot_precisions(jaxpr)
     assert precisions, "the loss has matrix products"
     assert all(p == HIGHEST for p in precisions), (name, options, precisions)
-    jaxpr = _loss_and_grad_jaxpr(lambda x, o=options: fn(x, Y, precision="default", **o), X)
+    jaxpr = _loss_and_grad_jaxpr(
+        lambda x, o=options: fn(x, Y, precision="default", **extra, **o), X)
     assert all(p == DEFAULT for p in dot_precisions(jaxpr)), (name, options)
     assert len(dot_precisions(jaxpr)) == len(precisions)
+
+
+def test_the_losses_without_the_option():
+  assert set(configs.LOSS_NAMES) - set(PRECISION_LOSSES) <= {"proxy_anchor", "normalized_softmax"}
+  assert {"contrastive", "triplet_semihard", "triplet_hard", "triplet_all", "npairs", "angular",
+          "npairs_angular", "lifted_structure", "multi_similarity"} <= set(PRECISION_LOSSES)
 
 
 @pytest.mark.parametrize("name", ["contrastive", "triplet_semihard", "triplet_all",

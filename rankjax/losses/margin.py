@@ -34,6 +34,7 @@ def margin_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2
                 beta=1.2, nu: float = 0.0, cutoff: float = 0.5,
                 nonzero_loss_cutoff: float = 1.4, key: jax.Array,
                 ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                ref_self_index: jax.Array | None = None,
                 precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   r"""Margin loss over every positive pair, each with one distance-weighted negative.
 
@@ -63,8 +64,8 @@ def margin_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2
   References: anchors come from the batch; positives and negatives from ``ref_embeddings``
   (e.g. a memory of past batches), or from the batch itself when they are None. A batch sample
   is never paired with itself; given references are a separate set, so every (anchor,
-  reference) pair counts (leave the current batch out of them, or its samples meet their own
-  copies).
+  reference) pair counts, except each anchor's own copy at ``ref_self_index`` (a memory that
+  already holds the current batch, :mod:`rankjax.cross_batch`).
 
   Args:
     embeddings: ``f32[B, D]`` (normalised inside, as the paper defines the loss).
@@ -80,6 +81,8 @@ def margin_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2
     key: a JAX PRNG key for the negatives (e.g. ``jax.random.fold_in(root, step)``).
     ref_embeddings: ``f32[M, D]`` or None (the batch).
     ref_labels: ``int[M]``, given with ``ref_embeddings``.
+    ref_self_index: ``int[B]``, the reference column holding each anchor itself (never paired
+      with it), or None.
     precision: matmul precision of the distances (``jax.lax.Precision.HIGHEST`` by default; see
       :func:`rankjax.similarity.cosine_similarities`).
 
@@ -99,7 +102,7 @@ def margin_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2
   """
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   refs, ref_labels, self_pairs = similarity.reference_set(embeddings, labels, ref_embeddings,
-                                                          ref_labels)
+                                                          ref_labels, ref_self_index)
   similarity.check_nonnegative(margin, "margin")
   similarity.check_nonnegative(nu, "nu")
   beta, in_range = _check_beta(beta, labels)

@@ -11,6 +11,7 @@ from rankjax.losses import _common
 
 def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float = 0.1,
                 ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                ref_self_index: jax.Array | None = None,
                 precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   r"""Supervised contrastive loss: every other sample of the anchor's class is a positive.
 
@@ -31,7 +32,8 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float 
   References: anchors come from the batch; positives and negatives from ``ref_embeddings``
   (e.g. a memory of past batches), or from the batch itself when they are None. A batch sample is
   never paired with itself; given references are a separate set, so every (anchor, reference)
-  pair counts (leave the current batch out of them, or its samples meet their own copies).
+  pair counts, except each anchor's own copy at ``ref_self_index`` (a memory that already holds
+  the current batch, :mod:`rankjax.cross_batch`).
 
   Args:
     embeddings: ``f32[B, D]`` (normalised inside).
@@ -39,6 +41,8 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float 
     temperature: :math:`\tau > 0`.
     ref_embeddings: ``f32[M, D]`` or None (the batch).
     ref_labels: ``int[M]``, given with ``ref_embeddings``.
+    ref_self_index: ``int[B]``, the reference column holding each anchor itself (never paired
+      with it), or None.
     precision: matmul precision of the similarities (``jax.lax.Precision.HIGHEST`` by default;
       see :func:`rankjax.similarity.cosine_similarities`).
 
@@ -55,7 +59,7 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float 
   """
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   refs, ref_labels, self_pairs = similarity.reference_set(embeddings, labels, ref_embeddings,
-                                                          ref_labels)
+                                                          ref_labels, ref_self_index)
   _common.check_positive(temperature, "temperature")
   logits = similarity.cosine_similarities(
       embeddings, refs, precision=precision) / temperature
