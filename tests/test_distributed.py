@@ -148,7 +148,7 @@ def one_process(tmp_path_factory):
 
 
 def test_two_processes_train_as_one_process_with_as_many_devices(two_processes, one_process):
-  (two, two_log), (one, _) = two_processes, one_process
+  (two, two_log), (one, one_log) = two_processes, one_process
   assert "Mesh: 4 devices (2 per host, 2 hosts); global batch 8 = 4 classes x 2." in two_log
   # The same global batches, the same step: the logged losses agree to float rounding.
   want, got = (train.read_scalars(w, "train/loss") for w in (one, two))
@@ -165,18 +165,23 @@ def test_two_processes_train_as_one_process_with_as_many_devices(two_processes, 
     a, b = np.asarray(a), np.asarray(b)
     assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(a)), 1e-2), (
         jax.tree_util.keystr(path))
-  # Retrieval metrics of two trainings a rounding apart: equal but for near-ties (measured: all
-  # identical except MAP@R, 2e-6 apart). Evaluation itself is exact: the next test.
+  # Retrieval metrics of two trainings a rounding apart: equal but for near-ties, where a
+  # last-bit difference flips a query's nearest neighbour. Every metric but NMI is a mean over the
+  # N test queries, so one flipped query moves it by at most 1/N; two are allowed (measured: none
+  # on one machine, one recall@1 query of 896 on another). Evaluation itself is exact: next test.
+  queries = int(re.findall(r"Embedded (\d+) images", one_log)[-1])
   want, got = _metrics(one), _metrics(two)
   assert set(got) == set(want)
   for key in want:
-    assert got[key] == pytest.approx(want[key], abs=1e-3), key
-  # Orbax wrote each array once for the job: the checkpoint is no larger than one process's.
+    assert abs(got[key] - want[key]) <= 2 / queries, (key, got[key], want[key], queries)
+  # Orbax wrote each array once for the job, not once per process (which would double it). Each
+  # process keeps its own OCDBT tree of compressed chunks, so the job's files are somewhat larger
+  # than one process's (measured 1.15x at this tiny size) but far from twice.
   def array_bytes(workdir):
     root = os.path.join(workdir, checkpoint.LATEST_DIR, str(STEPS))
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root)
                for f in files if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep)
-  assert array_bytes(two) <= 1.1 * array_bytes(one)
+  assert array_bytes(two) <= 1.5 * array_bytes(one)
 
 
 def test_evaluation_across_processes_equals_one_process_exactly(two_processes, tmp_path):
