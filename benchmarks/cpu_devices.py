@@ -83,8 +83,8 @@ def main():
   bad = [n for n in counts if n < 1 or args.batch % n]
   if bad:
     parser.error(f"--devices {bad}: each count must be >= 1 and divide --batch={args.batch}.")
-  print(f"CPU cores: {os.cpu_count()}; batch {args.batch} at {args.image_size} px; the train step of "
-        f"rankjax.train (semi-hard triplets, Adam); best of 2 x 30 steps.\n")
+  print(f"CPU cores: {os.cpu_count()}; batch {args.batch} at {args.image_size} px; the train step "
+        f"of rankjax.train (semi-hard triplets, Adam); best of 2 x 30 steps.\n")
   flag_sets = [""] + args.xla_flags
   flags_column = "| XLA_FLAGS " if args.xla_flags else ""
   print(f"| encoder | devices {flags_column}| steps/s | images/s | vs 1st |")

@@ -15,9 +15,15 @@ batch -- with tf.data limited to 1 and to 2 threads. Side by side, in the same r
 not depend on how busy the machine's other cores are. The goal is >= 400 img/s per core, so that
 a 16-core GPU host feeds a ResNet-50 (about 2,500-3,000 img/s on an A100 in mixed precision).
 
+With ``--folder=PATH`` (a folder of class subfolders, e.g. the Stanford Cars half unpacked from
+its tar) the rows are the folder dataset's own pipeline (``folder:PATH``: prepared once as
+TFRecords, then read through TFDS) beside the same JPEG bytes served as TFDS records of the
+mock builder, and PIL on them; ``--image_size`` sets the crop (the CPU recipes use 96-128 px).
+
 Usage::
 
   python benchmarks/input_pipeline.py [--num_images=320] [--batches=30]
+  python benchmarks/input_pipeline.py --folder=DIR/cars196 --image_size=128
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ from rankjax.data import testing
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 320, "JPEGs to generate (500 x 375).")
 _BATCHES = flags.DEFINE_integer("batches", 30, "Batches of 64 timed per configuration.")
-_P, _K, _SIZE = 16, 4, 224
+_FOLDER = flags.DEFINE_string("folder", None, "Time this image folder's pipeline instead of "
+                              "generated JPEGs (beside the same bytes as TFDS records).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the training crops.")
+_P, _K = 16, 4
 GOAL = 400.0
 
 
@@ -82,9 +91,9 @@ def _time(next_batch, num_batches: int) -> tuple[float, float]:
   return images / wall, images / cpu
 
 
-def rankjax_pipeline(threads: int):
-  batches = data.train_batches("cub200", classes_per_batch=_P, samples_per_class=_K,
-                               image_size=_SIZE, seed=0, threads=threads)
+def rankjax_pipeline(threads: int, name: str = "cub200", **kwargs):
+  batches = data.train_batches(name, classes_per_batch=_P, samples_per_class=_K,
+                               image_size=_IMAGE_SIZE.value, seed=0, threads=threads, **kwargs)
   return lambda: next(batches)["image"].shape[0]
 
 
@@ -95,7 +104,8 @@ def full_decode_pipeline(jpegs: list[bytes], threads: int):
   def prepare(i):
     seed = tf.stack([tf.constant(0, tf.int64), i])
     image = tf.io.decode_jpeg(tf.gather(encoded, i % len(jpegs)), channels=3)
-    return preprocessing.train_preprocess_decoded(image, seed, image_size=_SIZE, num_channels=3)
+    return preprocessing.train_preprocess_decoded(image, seed, image_size=_IMAGE_SIZE.value,
+                                                      num_channels=3)
 
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
@@ -126,7 +136,8 @@ def pil_pipeline(jpegs: list[bytes]):
     else:
       cw, ch = w, h
     x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    image = image.resize((_SIZE, _SIZE), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    size = _IMAGE_SIZE.value
+    image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
     if rng.uniform() < 0.5:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return (np.asarray(image, np.float32) / 255.0 - mean) / std
@@ -137,26 +148,67 @@ def pil_pipeline(jpegs: list[bytes]):
   return batch
 
 
-def main(argv):
-  del argv
+def _folder_rows(folder: str) -> list[tuple[str, float, float]]:
+  """The folder dataset's pipeline beside the same JPEGs as mock TFDS records, and PIL."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  name = f"folder:{folder}"
+  data_dir = tempfile.mkdtemp(prefix="rankjax_folder_bench_")
+  start = time.perf_counter()
+  info = data.get_dataset_info(name, data_dir=data_dir)
+  print(f"{folder}: {info.train_classes} training classes, {info.num_train_examples} images; "
+        f"prepared in {time.perf_counter() - start:.1f} s (once; later runs read the TFRecords).",
+        flush=True)
+  source = data.datasets.get_source(name, data_dir)
+  train = source.positions("train")
+  jpegs = list(source.encoded(train))
+  labels = source.labels[train]
+  print(f"mean JPEG size: {np.mean([len(j) for j in jpegs]) / 1024:.1f} KiB; "
+        f"{os.cpu_count()} CPUs visible; batch {_P} x {_K} at {_IMAGE_SIZE.value} px; "
+        f"{_BATCHES.value} batches timed per row.", flush=True)
+  rows = []
+  for threads in (1, 2):
+    rows.append((f"rankjax train_batches on folder:PATH, {threads} thread(s)",
+                 *_time(rankjax_pipeline(threads, name, data_dir=data_dir), _BATCHES.value)))
+  # cub200's TFDS builder holds labels 0-199: the first 100 folder classes fit its train half.
+  keep = labels < 100
+  records = {"train": [testing.FakeRecord(j, int(y), "train")
+                       for j, y, k in zip(jpegs, labels, keep) if k], "test": []}
+  with testing.mock_data("cub200", records=records):
+    for threads in (1, 2):
+      rows.append((f"rankjax train_batches on TFDS records (same JPEGs), {threads} thread(s)",
+                   *_time(rankjax_pipeline(threads, protocol=data.Protocol(val_fraction=0.0)),
+                          _BATCHES.value)))
+  rows.append(("PIL (torchvision-style) on the same JPEGs, 1 thread",
+               *_time(pil_pipeline(jpegs), max(3, _BATCHES.value // 3))))
+  return rows
+
+
+def _generated_rows() -> list[tuple[str, float, float]]:
   print(f"Generating {_NUM_IMAGES.value} JPEGs of 500 x 375 ...", flush=True)
   jpegs = make_jpegs(_NUM_IMAGES.value)
   print(f"mean JPEG size: {np.mean([len(j) for j in jpegs]) / 1024:.1f} KiB; "
-        f"{os.cpu_count()} CPUs visible; batch {_P} x {_K} at {_SIZE} px; "
+        f"{os.cpu_count()} CPUs visible; batch {_P} x {_K} at {_IMAGE_SIZE.value} px; "
         f"{_BATCHES.value} batches timed per row.", flush=True)
   labels = np.arange(_NUM_IMAGES.value) % 50  # 50 training classes of CUB (labels 0-99)
-  records = {"train": [testing.FakeRecord(j, int(l), "train") for j, l in zip(jpegs, labels)],
+  records = {"train": [testing.FakeRecord(j, int(y), "train") for j, y in zip(jpegs, labels)],
              "test": []}
   rows = []
   with testing.mock_data("cub200", records=records):
     for threads in (1, 2):
       rows.append((f"rankjax train_batches, {threads} thread(s)",
-                   *_time(rankjax_pipeline(threads), _BATCHES.value)))
+                   *_time(rankjax_pipeline(threads, protocol=data.Protocol(val_fraction=0.0)),
+                          _BATCHES.value)))
   for threads in (1, 2):
     rows.append((f"tf.data, full decode, {threads} thread(s)",
                  *_time(full_decode_pipeline(jpegs, threads), _BATCHES.value)))
   rows.append(("PIL (torchvision-style), 1 thread", *_time(pil_pipeline(jpegs),
                                                             max(3, _BATCHES.value // 3))))
+  return rows
+
+
+def main(argv):
+  del argv
+  rows = _folder_rows(_FOLDER.value) if _FOLDER.value else _generated_rows()
   reference = rows[-1][2]
   print()
   print(f"| pipeline | img/s (wall) | img/s per core (CPU time) | vs PIL per core | "

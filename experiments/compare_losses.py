@@ -45,9 +45,17 @@ FLAGS = flags.FLAGS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds the data here.
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sweep  # noqa: E402  # pylint: disable=wrong-import-position
 
 ALL_LOSSES = tuple(sweep.LOSS_LABELS)
+
+
+def _has_validation_split(config) -> bool:
+  from rankjax import data  # pylint: disable=g-import-not-at-top
+  fraction = config.protocol.val_fraction
+  if fraction is None:
+    fraction = data.datasets.get_spec(config.dataset).val_fraction
+  return fraction > 0
 
 
 def build_config(dataset: str, loss: str, seed: int, *, config_flags: str = "",
@@ -71,8 +79,8 @@ def build_config(dataset: str, loss: str, seed: int, *, config_flags: str = "",
     config.train.steps = steps
     config.train.log_every = min(config.train.log_every, max(steps // 10, 1))
     config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
-  if eval_every is None:
-    eval_every = max(config.train.steps // 5, 1)
+  if eval_every is None:  # Learning curves on the validation split, where the dataset has one.
+    eval_every = max(config.train.steps // 5, 1) if _has_validation_split(config) else 0
   if eval_every < 0:
     raise ValueError(f"--eval_every must be >= 0; got {eval_every}.")
   config.eval.every = eval_every
@@ -107,7 +115,8 @@ def summarise(results):
   """``{loss: {metric: (mean, std)}}`` over seeds, and the same for the run wall time."""
   out = {}
   for loss, runs in results.items():
-    keys = sorted({k for r in runs for k in r.metrics})
+    # metrics.json also says which checkpoint it reports ("checkpoint": "best"): not a number.
+    keys = sorted({k for r in runs for k, v in r.metrics.items() if isinstance(v, (int, float))})
     out[loss] = {k: sweep.mean_and_std([r.metrics[k] for r in runs if k in r.metrics])
                  for k in keys}
     out[loss]["wall_s"] = sweep.mean_and_std([r.wall_s for r in runs])
@@ -258,14 +267,18 @@ def define_flags():
   """The command-line flags (defined only when run as a script: the module stays importable)."""
   flags.DEFINE_string("dataset", "digits",
                       "A config in experiments/configs/ (digits, omniglot, cub200, ...).")
-  flags.DEFINE_list("losses", list(sweep.SURVEY_LOSSES), "Losses to compare (comma-separated).")
+  flags.DEFINE_list("losses", list(sweep.SURVEY_LOSSES),
+                    "Losses to compare (comma-separated); the later baselines are "
+                    f"{','.join(sweep.POST_SURVEY_LOSSES)}.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each loss is trained once per seed.")
   flags.DEFINE_string("output_dir", None, "Where runs/ and the results go (default "
                       "experiments/results/<dataset>).")
   flags.DEFINE_integer("steps", None, "Training steps per run (default: sweep.SWEEP_DEFAULTS for "
                        "the dataset, else the config's).")
-  flags.DEFINE_integer("eval_every", None, "Evaluate on the test classes every this many steps, "
-                       "for the Recall@1 curve (default: 5 points per run; 0 = only at the end).")
+  flags.DEFINE_integer("eval_every", None, "Evaluate on the validation classes every this many "
+                       "steps (they choose each run's checkpoint), for the Recall@1 curve "
+                       "(default: 5 points per run where the dataset has a validation split, "
+                       "else 0).")
   sweep.define_common_flags(
       "Keep each finished run's checkpoints (needed for rankjax.load_embedder on it); by default "
       "only metrics, config and TensorBoard scalars stay.")
@@ -282,7 +295,7 @@ def main(argv):
     raise app.UsageError(f"--seeds must be integers; got {FLAGS.seeds}.") from e
   if not FLAGS.losses or not seeds:
     raise app.UsageError("--losses and --seeds must each name at least one.")
-  unknown = [l for l in FLAGS.losses if l not in ALL_LOSSES]
+  unknown = [name for name in FLAGS.losses if name not in ALL_LOSSES]
   if unknown:
     raise app.UsageError(f"--losses: unknown {unknown}; the losses are {', '.join(ALL_LOSSES)}.")
   output_dir = FLAGS.output_dir or os.path.join(sweep.RESULTS_DIR, FLAGS.dataset)

@@ -1,4 +1,4 @@
-r"""Short Omniglot runs that compare one choice at a time: the encoder, or the loss on the wide recipe.
+r"""Short Omniglot runs comparing one choice at a time: the encoder, or the loss on the wide recipe.
 
 Each candidate trains for ``--steps`` (default 1,000) and evaluates once on the 659 test
 characters; the script prints a table of Recall@1, MAP@R and the wall time and writes it to

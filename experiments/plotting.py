@@ -88,9 +88,11 @@ def _band(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color, label):
 
 
 def training_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]],
-                    *, title: str, recall_tag: str = "eval/recall@1",
+                    *, title: str, recall_tag: str = "val/recall@1",
                     loss_tag: str = "train/loss"):
-  """Recall@1 against steps for every loss, then one panel per loss with its training loss.
+  """Recall@1 on the validation split against steps for every loss, then each loss's training loss.
+
+  Without validation curves (a dataset without a validation split) the first panel says so.
 
   Losses live on different scales (a hinge in [0, margin], a softmax cross-entropy in
   [0, log B]), so each gets its own y axis rather than one unreadable shared one.
@@ -112,8 +114,11 @@ def training_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[np.ndarray,
   ax = axes[0]
   for label in labels:
     _band(ax, curves[label].get(recall_tag, []), colors[label], label)
+  if not any(curves[label].get(recall_tag) for label in labels):
+    ax.text(0.5, 0.5, "no validation split:\nthe test split is evaluated once, at the end",
+            ha="center", va="center", transform=ax.transAxes, fontsize=9)
   ax.set_xlabel("training step")
-  ax.set_ylabel("Recall@1 on the test classes")
+  ax.set_ylabel("Recall@1 on the validation classes")
   ax.set_title("Recall@1 (mean ± std over seeds)", fontsize=10)
   ax.grid(alpha=0.3)
   for ax, label in zip(axes[1:], labels):

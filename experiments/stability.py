@@ -63,7 +63,7 @@ FLAGS = flags.FLAGS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds the data here.
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sweep  # noqa: E402  # pylint: disable=wrong-import-position
 
 ALL_LOSSES = tuple(sweep.LOSS_LABELS)
 DIAGNOSTICS_FILE = "degeneracy.json"
@@ -382,7 +382,7 @@ def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_si
     f.write("\n".join(lines))
 
   fig = plotting.degenerate_heatmaps(
-      {sweep.LOSS_LABELS.get(l, l): fractions[l] for l in losses},
+      {sweep.LOSS_LABELS.get(loss, loss): fractions[loss] for loss in losses},
       row_values=learning_rates, col_values=batch_sizes, row_name="peak learning rate",
       col_name="global batch size (images)",
       title=f"{dataset}: fraction of seeds that degenerated ({config.train.steps} steps; "

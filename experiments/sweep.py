@@ -71,10 +71,18 @@ LOSS_LABELS = {
     "multi_similarity": "multi-similarity",
     "proxy_anchor": "Proxy-Anchor",
     "normalized_softmax": "normalised softmax",
+    "margin": "margin (distance-weighted)",
+    "supcon": "SupCon",
+    "arcface": "ArcFace",
+    "cosface": "CosFace",
+    "subcenter_arcface": "sub-center ArcFace",
 }
-# The survey's nine ranking losses (every loss but the proxy ones): what the sweeps run unless
-# --losses names others.
+# The survey's nine ranking losses (every pair-based loss it covers, up to angular and
+# multi-similarity): what the sweeps run unless --losses names others.
 SURVEY_LOSSES = tuple(LOSS_LABELS)[:9]
+# The later baselines (--losses=margin,supcon,arcface,cosface,subcenter_arcface), on the same
+# P x K batches as the survey's losses.
+POST_SURVEY_LOSSES = ("margin", "supcon", "arcface", "cosface", "subcenter_arcface")
 
 
 def define_common_flags(keep_checkpoints_help: str) -> None:
@@ -324,7 +332,7 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Every TensorBoard scalar of a run: ``{tag: (steps int[T], values f64[T])}``, by step.
 
   rankjax.train writes them with ``tf.summary.scalar`` under ``workdir/tensorboard`` (tags such as
-  ``train/loss`` and ``eval/recall@1``). A run resumed after a kill may log a step twice; the
+  ``train/loss`` and ``val/recall@1``). A run resumed after a kill may log a step twice; the
   last value written wins.
   """
   # Imported here: only the sweeps' reporting needs TensorBoard's reader.

@@ -4,8 +4,10 @@ A run's working directory holds two orbax checkpoint managers:
 
 * ``WORKDIR/checkpoints/<step>/``: the latest ``keep`` checkpoints, each with three items:
   ``model`` (parameters and the rest of the model state, e.g. BatchNorm statistics),
-  ``optimizer`` (the optax state) and ``progress`` (JSON: ``step`` and ``data_position``, the index
-  of the next training batch, which :func:`rankjax.data.train_batches` takes as ``start_step``).
+  ``training`` (what only training needs: the optax state, the loss's own parameters such as
+  class proxies, a cross-batch memory) and ``progress`` (JSON: ``step`` and ``data_position``, the
+  index of the next training batch, which :func:`rankjax.data.train_batches` takes as
+  ``start_step``). An embedder reads ``model`` alone.
 * ``WORKDIR/best/<step>/``: the single checkpoint with the highest validation metric seen so far
   (``model`` and ``progress``, the metrics included).
 
@@ -14,6 +16,13 @@ killed at any moment (SIGKILL included) leaves either a complete checkpoint or a
 directory that the next start deletes; running the same command again resumes from the last
 complete one. Saving is asynchronous: the arrays are copied to host memory before :meth:`save`
 returns and are written while training continues.
+
+**Several processes** (a ``jax.distributed`` job) open the same ``WORKDIR`` (a file system they all
+share) and save and restore together: orbax's primary process (process 0) creates and commits each
+step directory, every array is written once for the job (the processes share the writing of
+replicated arrays), and there is one ``checkpoints/<step>`` for the whole job. Only process 0
+deletes unfinished saves, and the others wait for it. A checkpoint restores on any number of
+processes and devices: the restored arrays take the shardings of the state they restore into.
 """
 
 from __future__ import annotations
@@ -56,9 +65,9 @@ class Checkpoints:
   Example::
 
     ckpts = Checkpoints(workdir, keep=2, best_metric="recall@1")
-    restored = ckpts.restore_latest(abstract_model, abstract_optimizer)   # None on a fresh run
+    restored = ckpts.restore_latest(abstract_model, abstract_training)    # None on a fresh run
     ...
-    ckpts.save(step, model_vars, opt_state)                 # every N steps
+    ckpts.save(step, model_vars, training_vars)             # every N steps
     ckpts.save_best(step, model_vars, {"recall@1": 0.9})    # after each evaluation
     ckpts.close()
   """
@@ -80,11 +89,19 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 
-  def save(self, step: int, model: Any, optimizer: Any, *, force: bool = False) -> None:
-    """Saves the state after ``step`` training steps (the next batch has index ``step``)."""
+  @property
+  def best_step(self) -> int | None:
+    """The step of the kept best checkpoint, or None before any evaluation."""
+    return self._best.latest_step()
+
+  def save(self, step: int, model: Any, training: Any, *, force: bool = False) -> None:
+    """Saves the state after ``step`` training steps (the next batch has index ``step``).
+
+    ``model`` is what an embedder needs, ``training`` the rest of the train state.
+    """
     self._latest.save(step, force=force, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model),
-        optimizer=ocp.args.StandardSave(optimizer),
+        training=ocp.args.StandardSave(training),
         progress=ocp.args.JsonSave({"step": int(step), "data_position": int(step)})))
 
   def save_best(self, step: int, model: Any, metrics: dict[str, float]) -> None:
@@ -94,10 +111,10 @@ class Checkpoints:
         model=ocp.args.StandardSave(model),
         progress=ocp.args.JsonSave({"step": int(step), "metrics": metrics})))
 
-  def restore_latest(self, model: Any, optimizer: Any) -> tuple[Any, Any, dict] | None:
-    """``(model, optimizer, progress)`` from the latest checkpoint, or None when there is none.
+  def restore_latest(self, model: Any, training: Any) -> tuple[Any, Any, dict] | None:
+    """``(model, training, progress)`` from the latest checkpoint, or None when there is none.
 
-    ``model`` and ``optimizer`` are the state trees to restore into (arrays or
+    ``model`` and ``training`` are the state trees to restore into (arrays or
     ``jax.ShapeDtypeStruct`` with shardings): the restored arrays take their shardings.
     """
     step = self._latest.latest_step()
@@ -105,9 +122,9 @@ class Checkpoints:
       return None
     out = self._latest.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(_abstract(model)),
-        optimizer=ocp.args.StandardRestore(_abstract(optimizer)),
+        training=ocp.args.StandardRestore(_abstract(training)),
         progress=ocp.args.JsonRestore()))
-    return out.model, out.optimizer, dict(out.progress)
+    return out.model, out.training, dict(out.progress)
 
   def wait(self) -> None:
     self._latest.wait_until_finished()

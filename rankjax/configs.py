@@ -9,9 +9,9 @@ command line, e.g. ``--config.train.steps=200 --config.loss.name=npairs
 Loss hyper-parameters live in one section per loss (``config.loss.<name>``) so that switching
 ``config.loss.name`` never passes one loss's margin to another. Their defaults are the papers':
 
-=================  ==================================================  ============================
+================== ==================================================  ============================
 ``loss.name``      defaults                                            source
-=================  ==================================================  ============================
+================== ==================================================  ============================
 contrastive        pos_margin=0, neg_margin=1.0, euclidean             Hadsell et al. 2006
 triplet_semihard   margin=0.2, euclidean, L2-normalised embeddings     Schroff et al. 2015 (FaceNet)
 triplet_hard       margin=0.2 (batch hard)                             Hermans et al. 2017
@@ -23,27 +23,46 @@ lifted_structure   margin=1.0, unnormalised embeddings                 Song et a
 multi_similarity   alpha=2, beta=50, base=0.5, epsilon=0.1             Wang et al. 2019
 proxy_anchor       alpha=32, delta=0.1                                 Kim et al. 2020
 normalized_softmax temperature=0.05                                    Zhai & Wu 2019
-=================  ==================================================  ============================
+margin             margin=0.2, beta=1.2, nu=0, distance-weighted       Wu et al. 2017
+                   negatives (cutoff=0.5, nonzero_loss_cutoff=1.4)
+supcon             temperature=0.1                                     Khosla et al. 2020
+arcface            scale=64, margin_degrees=28.6 (0.5 rad)             Deng et al. 2019
+cosface            scale=64, margin=0.35                               Wang et al. 2018 (CosFace)
+subcenter_arcface  scale=64, margin_degrees=28.6, sub_centers=3        Deng et al. 2020
+================== ==================================================  ============================
 
-Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training class inside the model
-(``EmbeddingModel.proxies``; with ``rotate_classes`` each turned class has its own), trained at
-``optimizer.proxy_learning_rate``, by default 100x the network's (Proxy-Anchor's recipe).
+Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training label, held by the loss
+(:mod:`rankjax.loss_params`, ``state["loss_params"]`` in training; with ``rotate_classes`` each
+turned class has its own), trained at ``optimizer.proxy_learning_rate``, by default 100x the
+network's (Proxy-Anchor's recipe); sub-center ArcFace learns ``sub_centers`` proxies per class
+(``f32[C, sub_centers, D]``). The margin loss draws its negatives at random and takes a new PRNG
+key at every step (:data:`rankjax.losses.LOSSES_NEEDING_KEY`); ``loss.margin.beta`` is its
+:math:`\beta`.
+
+``config.xbm`` adds a cross-batch memory (Wang et al. 2020, :mod:`rankjax.cross_batch`) to the
+losses that take a reference set (contrastive, triplet, multi-similarity, margin, supcon):
+``enabled``, ``size`` (M embeddings), ``start_step`` (the warm-up) and ``weight`` of the memory
+term, by default the authors' code's 8192, 2000 and 1.0.
 
 ``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
 N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
-instead); the triplet and contrastive margins assume unit-norm embeddings; angular and
-multi-similarity normalise inside the loss, so the head's normalisation is irrelevant to them.
+instead); the triplet and contrastive margins assume unit-norm embeddings; angular,
+multi-similarity, margin, supcon and the proxy losses normalise inside the loss, so the head's
+normalisation is irrelevant to them.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from typing import Sequence
 
 import ml_collections
 from ml_collections import config_dict
 
 from rankjax import augment as device_augment
+from rankjax import loss_params
 from rankjax.evaluation import test_time
 
 # The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
@@ -59,6 +78,14 @@ LOSS_DEFAULTS: dict[str, dict] = {
     "multi_similarity": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
     "proxy_anchor": dict(alpha=32.0, delta=0.1),
     "normalized_softmax": dict(temperature=0.05),
+    # beta_learning_rate: the learned beta's own step (an Adam-scale rate; the paper trains beta
+    # with SGD at 0.1 on a gradient scaled by 1 / batch).
+    "margin": dict(margin=0.2, beta=1.2, nu=0.0, cutoff=0.5, nonzero_loss_cutoff=1.4,
+                   beta_learning_rate=1e-3),
+    "supcon": dict(temperature=0.1),
+    "arcface": dict(scale=64.0, margin_degrees=28.6),
+    "cosface": dict(scale=64.0, margin=0.35),
+    "subcenter_arcface": dict(scale=64.0, margin_degrees=28.6, sub_centers=3),
 }
 LOSS_NAMES = tuple(LOSS_DEFAULTS)
 
@@ -67,13 +94,14 @@ NORMALIZED_BY_LOSS = {
     "contrastive": True, "triplet_semihard": True, "triplet_hard": True, "triplet_all": True,
     "npairs": False, "angular": True, "npairs_angular": False, "lifted_structure": False,
     "multi_similarity": True, "proxy_anchor": True, "normalized_softmax": True,
+    "margin": True, "supcon": True, "arcface": True, "cosface": True, "subcenter_arcface": True,
 }
 
 # Losses built on one (anchor, positive) pair per class: their batches are K = 2 per class.
 PAIR_BASED_LOSSES = ("npairs", "angular", "npairs_angular")
 
 # Losses with a learned proxy per training class (rankjax.losses.PROXY_LOSSES).
-PROXY_LOSSES = ("proxy_anchor", "normalized_softmax")
+PROXY_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface", "cosface", "subcenter_arcface")
 # Proxy-Anchor's recipe: proxies learn 100x faster than the network (Kim et al. 2020's training
 # setup, the scale common re-implementations use too).
 PROXY_LEARNING_RATE_MULTIPLIER = 100.0
@@ -86,8 +114,15 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a training run reads, at its default; unlocked so experiment files can edit it."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Multi-host: call jax.distributed.initialize() before anything touches the devices.
+  # Multi-host: call jax.distributed.initialize() before anything touches the devices (the same
+  # as `python -m rankjax.main --distributed`, for code that calls train_and_evaluate itself).
   c.distributed = False
+  # The training classes are dealt into this many data shards, each drawing classes_per_batch /
+  # data_shards classes a step; every process reads only the shards it holds (rankjax.data).
+  # The global batches depend on this number, not on the number of processes: fix it (to a
+  # multiple of every process count the run may use) to get the same training on any topology.
+  # None = one shard per process.
+  c.data_shards = config_dict.placeholder(int)
 
   # Input (rankjax.data): P classes x K samples per global batch.
   c.dataset = "omniglot"
@@ -96,6 +131,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.classes_per_batch = 32
   c.samples_per_class = 4
   c.augment = config_dict.placeholder(bool)  # None = the dataset's paper default.
+  # How the classes are split (rankjax.data.Protocol); None = the dataset's default. The
+  # validation split (the last val_fraction of the training classes) chooses the best checkpoint;
+  # the test split is evaluated once, at the end.
+  c.protocol = ml_collections.ConfigDict()
+  c.protocol.val_fraction = config_dict.placeholder(float)
+  c.protocol.train_fraction = config_dict.placeholder(float)  # Folder datasets.
+  c.protocol.min_images_per_class = config_dict.placeholder(int)
+  c.protocol.train_classes = ()  # Folder datasets: explicit class folder names (with test_).
+  c.protocol.test_classes = ()
   # Class augmentation by rotation (Omniglot's standard recipe, Santoro et al. 2016; Vinyals et
   # al. 2016): each class of a training batch is turned by a random multiple of 90 degrees and
   # counted as a new class, so there are 4x as many training classes.
@@ -123,6 +167,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "triplet_semihard"
   for name, kwargs in LOSS_DEFAULTS.items():
     c.loss[name] = ml_collections.ConfigDict(kwargs)
+
+  # Cross-batch memory (rankjax.cross_batch; Wang et al. 2020): from step `start_step` on, the loss
+  # also compares each batch with the embeddings of the last `size` training images, that term
+  # weighted by `weight`. Pair-based losses only (contrastive, triplet, multi-similarity, margin,
+  # supcon). Defaults: the authors' code's.
+  c.xbm = ml_collections.ConfigDict(
+      {"enabled": False, "size": 8192, "start_step": 2000, "weight": 1.0})
 
   # Optimizer (optax).
   c.optimizer = ml_collections.ConfigDict()
@@ -155,8 +206,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Evaluation on the held-out classes (rankjax.evaluation).
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 0  # 0 = only at the end.
-  c.eval.split = "test"
+  # Evaluate the validation split every this many steps and keep the best checkpoint (needs a
+  # validation split, protocol.val_fraction > 0); 0 = none. The final evaluation on eval.split
+  # then reports the best checkpoint.
+  c.eval.every = 0
+  c.eval.split = "test"  # The final evaluation, once, at the end.
   c.eval.batch_size = 256
   # Names for rankjax.evaluation.Evaluator: "recall@K" (any K), "map@r", "r_precision", "nmi".
   c.eval.metrics = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi")
@@ -205,19 +259,23 @@ def check_loss_name(name: str) -> None:
 
 
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``."""
+  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``.
+
+  Keys of the section that configure the loss's learned parameters
+  (:func:`rankjax.loss_params.config_keys`, e.g. a learning rate) are left out.
+  """
   check_loss_name(config.loss.name)
-  return dict(config.loss[config.loss.name].to_dict())
+  own = set(loss_params.config_keys(config.loss.name))
+  return {k: v for k, v in config.loss[config.loss.name].to_dict().items() if k not in own}
 
 
-def num_proxies(config: ml_collections.ConfigDict, train_classes: int) -> int:
-  """Proxies the model needs: one per training label (x4 with ``rotate_classes``), or 0.
+def num_train_labels(config: ml_collections.ConfigDict, train_classes: int) -> int:
+  """Distinct training labels: the training classes, x4 with ``rotate_classes``.
 
   ``train_classes``: the dataset's training classes, labelled ``0 .. train_classes - 1``
-  (rankjax.data's convention for every dataset).
+  (rankjax.data's convention for every dataset). A loss with one parameter row per class (class
+  proxies) has this many rows.
   """
-  if config.loss.name not in PROXY_LOSSES:
-    return 0
   return train_classes * (4 if config.rotate_classes else 1)
 
 
@@ -236,7 +294,7 @@ def normalize_embeddings(config: ml_collections.ConfigDict) -> bool:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` for a key that :func:`base_config` lacks (a misspelling) or a bad value."""
+  """Raises ``ValueError`` for a key :func:`base_config` lacks (a misspelling) or a bad value."""
   _check_keys(config, base_config(), prefix="")
   check_loss_name(config.loss.name)
   if config.optimizer.name not in OPTIMIZERS:
@@ -248,13 +306,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.best_metric not in config.eval.metrics:
     raise ValueError(f"config.eval.best_metric={config.eval.best_metric!r} is not one of "
                      f"config.eval.metrics {tuple(config.eval.metrics)}.")
-  for key in ("train.steps", "train.log_every", "train.checkpoint_every", "eval.batch_size",
-              "classes_per_batch", "samples_per_class", "image_size"):
-    value = config
-    for part in key.split("."):
-      value = value[part]
+  for key in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "eval.batch_size", "classes_per_batch", "samples_per_class", "image_size"):
+    value = _get(config, key)
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive integer; got {value!r}.")
+  check_rates_and_counts(config)
+  _check_protocol(config.protocol)
+  if config.eval.split not in ("train", "val", "test"):
+    raise ValueError(f"config.eval.split must be 'train', 'val' or 'test'; got "
+                     f"{config.eval.split!r}.")
+  _check_xbm(config)
+  shards = config.data_shards
+  if shards is not None and (not isinstance(shards, int) or shards <= 0 or
+                             config.classes_per_batch % shards):
+    raise ValueError(f"config.data_shards must be None or a positive integer that divides "
+                     f"config.classes_per_batch={config.classes_per_batch}; got {shards!r}.")
   try:
     test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
   except ValueError as e:
@@ -263,6 +330,72 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     device_augment.check_affine(**config.affine)
   except ValueError as e:
     raise ValueError(f"config.affine: {e}") from None
+
+
+def check_rates_and_counts(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` for a learning rate that is not positive, or a negative weight decay,
+  clipping norm or step count (``train.steps=0`` is valid: it evaluates the untrained network)."""
+  opt = config.optimizer
+  for key in ("learning_rate", "head_learning_rate", "proxy_learning_rate"):
+    if opt[key] is None and key != "learning_rate":
+      continue  # Unset: follows learning_rate.
+    if not _is_number(opt[key]) or not opt[key] > 0:
+      raise ValueError(f"config.optimizer.{key} must be a positive number; got {opt[key]!r} (at "
+                       f"0 nothing trains, below 0 the loss is climbed instead of descended).")
+  if not _is_number(opt.decay_factor) or not opt.decay_factor > 0:
+    raise ValueError(f"config.optimizer.decay_factor must be a positive number; got "
+                     f"{opt.decay_factor!r}.")
+  for key in ("weight_decay", "grad_clip_norm"):
+    if not _is_number(opt[key]) or not opt[key] >= 0:
+      raise ValueError(f"config.optimizer.{key} must be 0 (off) or positive; got {opt[key]!r}.")
+  counts = {"train.steps": config.train.steps, "optimizer.warmup_steps": opt.warmup_steps,
+            "eval.every": config.eval.every}
+  counts.update({f"optimizer.decay_steps[{i}]": s for i, s in enumerate(opt.decay_steps)})
+  for key, value in counts.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ValueError(f"config.{key} must be a non-negative integer; got {value!r}.")
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _get(config, dotted_key):
+  for part in dotted_key.split("."):
+    config = config[part]
+  return config
+
+
+def _check_protocol(protocol: ml_collections.ConfigDict) -> None:
+  """Errors for fractions outside their range, a bad image minimum, one class list alone."""
+  if protocol.val_fraction is not None and not 0 <= protocol.val_fraction < 1:
+    raise ValueError(f"config.protocol.val_fraction must be in [0, 1); got "
+                     f"{protocol.val_fraction!r}.")
+  if protocol.train_fraction is not None and not 0 < protocol.train_fraction < 1:
+    raise ValueError(f"config.protocol.train_fraction must be in (0, 1); got "
+                     f"{protocol.train_fraction!r}.")
+  minimum = protocol.min_images_per_class
+  if minimum is not None and (not isinstance(minimum, int) or minimum < 1):
+    raise ValueError(f"config.protocol.min_images_per_class must be a positive integer; got "
+                     f"{minimum!r}.")
+  if bool(protocol.train_classes) != bool(protocol.test_classes):
+    raise ValueError("config.protocol.train_classes and test_classes go together: give both "
+                     "(class folder names) or neither.")
+def _check_xbm(config):
+  if not config.xbm.enabled:
+    return
+  from rankjax import cross_batch  # pylint: disable=g-import-not-at-top
+  cross_batch.check_loss(config.loss.name)
+  batch = config.classes_per_batch * config.samples_per_class
+  size, start, weight = config.xbm.size, config.xbm.start_step, config.xbm.weight
+  if not isinstance(size, int) or size < batch:
+    raise ValueError(f"config.xbm.size must be an integer of at least the global batch ({batch}); "
+                     f"got {size!r}.")
+  if not isinstance(start, int) or start < 0:
+    raise ValueError(f"config.xbm.start_step must be an integer >= 0; got {start!r}.")
+  if not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+    raise ValueError(f"config.xbm.weight must be a finite number >= 0; got {weight!r}.")
 
 
 def _check_keys(config, reference, prefix):
@@ -288,9 +421,9 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
                     eval_every: int, checkpoint_every: int) -> ml_collections.ConfigDict:
   """The fine-grained / SOP recipe of Roth, Milbich et al. 2020, shared by cub200, cars196 and sop.
 
-  ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5 with
-  weight decay 4e-4, bfloat16 compute. Two other published recipes replace the batch, optimizer
-  and loss settings (the backbone stays Roth et al.'s):
+  ImageNet ResNet-50 with frozen BatchNorm, 224 px, 128-d, batch 112 (56 classes x 2), Adam 1e-5
+  with weight decay 4e-4, bfloat16 compute. Two other published recipes replace the batch,
+  optimizer and loss settings (the backbone stays Roth et al.'s):
 
   * ``"wang2017"``: the N-pairs / angular recipe of Wang et al. 2017, "Deep Metric Learning with
     Angular Loss" (ICCV): batches of 64 classes x 2 images, a 512-d embedding, alpha = 45 degrees
@@ -352,5 +485,52 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
     c.train.log_every = 2
     c.train.checkpoint_every = 2
     c.eval.every = 0
+    c.eval.batch_size = 16
+  return c
+
+
+# The flags of the CPU photo recipe (lfw, folder, and the offline variants of cub200 / cars196).
+CPU_PHOTO_FLAGS = ("runlocal",)
+
+
+def cpu_photo_recipe(dataset: str, loss: str, flags: set[str], *,
+                     image_size: int = 112) -> ml_collections.ConfigDict:
+  """Fine-tuning ImageNet EfficientNet-Lite0 on a photo or face folder, in minutes on a CPU.
+
+  The protocol every loss shares on the offline sets (``lfw``, ``cars196_half``,
+  ``cub200_first50``) and on any ``folder:PATH``: EfficientNet-Lite0 with its ImageNet weights
+  and frozen BatchNorm (Roth et al. 2020 freeze it too), a 128-d head, ``image_size`` px random
+  resized crops and flips, batches of 16 classes x 4 images (32 x 2 for the N-pair family), Adam
+  with the head at 10x the backbone's learning rate; the validation split (the last 20% of the
+  training classes) is evaluated four times and chooses the checkpoint whose test metrics are
+  reported. ``"runlocal"`` shrinks it to a few steps of a tiny network (smoke tests).
+  """
+  c = base_config()
+  c.dataset = dataset
+  c.image_size = image_size
+  c.classes_per_batch, c.samples_per_class = 16, 4
+  c.model.name = "efficientnet_lite0"
+  c.model.pretrained = "imagenet"
+  c.model.freeze_batchnorm = True
+  c.model.embedding_dim = 128
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.head_learning_rate = 1e-3
+  c.train.steps = 200
+  c.train.log_every = 10
+  c.train.checkpoint_every = 50
+  c.eval.every = 50
+  c.eval.batch_size = 128
+  with_loss(c, loss)
+  if "runlocal" in flags:
+    c.image_size = 32
+    c.classes_per_batch, c.samples_per_class = 4, 2
+    c.model.name = "resnet_tiny"
+    c.model.pretrained = None
+    c.model.freeze_batchnorm = False
+    c.train.steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.eval.every = 2
     c.eval.batch_size = 16
   return c

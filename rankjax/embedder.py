@@ -40,7 +40,7 @@ def load_embedder(workdir: str, *, which: str = "latest",
   Args:
     workdir: the ``--workdir`` of a training run.
     which: ``"latest"`` (the final model when training finished) or ``"best"`` (the checkpoint
-      with the best ``config.eval.best_metric``).
+      with the best ``config.eval.best_metric`` on the validation split).
     batch_size: images per forward pass (default: the run's ``config.eval.batch_size``); any
       number of images can be passed, they are embedded in chunks of this size.
 
@@ -49,11 +49,18 @@ def load_embedder(workdir: str, *, which: str = "latest",
   :func:`rankjax.data.preprocess_for_eval`) and returns numpy ``float32[B, E]`` embeddings,
   computed in eval mode (BatchNorm running averages) on the default device, with the run's
   test-time shifts (``config.eval.test_time_shift``): the embeddings its metrics were computed on.
+  The dataset itself is not needed: the model is rebuilt from the config and the dataset's spec
+  (its channels), and the checkpoint holds nothing of the loss that the embedder would need. (A
+  folder dataset takes its channels from its images: its prepared copy in ``data_dir`` is read.)
   """
   from rankjax import data  # pylint: disable=g-import-not-at-top
+  from rankjax.data import datasets  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
-  model = train.build_model(config, info)
+  spec = datasets.get_spec(config.dataset)
+  if spec.num_channels is None:  # A folder: its channels come from its images.
+    spec = data.get_dataset_info(config.dataset, data_dir=config.data_dir,
+                                 protocol=config.protocol)
+  model = train.build_model(config, spec)
   _, eval_graphdef, params, model_state = train.split_model(model)
   variables, _ = checkpoint.restore_model(
       workdir, {"params": params, "model_state": model_state}, which=which)
@@ -73,7 +80,8 @@ def load_embedder(workdir: str, *, which: str = "latest",
     out = []
     for start in range(0, len(images), chunk):
       pixels = data.preprocess_for_eval(images[start:start + chunk], name=config.dataset,
-                                        image_size=config.image_size)
+                                        image_size=config.image_size,
+                                        num_channels=spec.num_channels)
       out.append(np.asarray(jax.device_get(embed_fn(variables, pixels))))
     return np.concatenate(out) if out else np.zeros((0, config.model.embedding_dim), np.float32)
 

@@ -5,14 +5,20 @@ Every function here takes a pairwise distance matrix ``distances: f32[B, B]`` (s
 runs under ``jit``, ``grad`` and ``vmap``. A positive pair ``(a, p)`` has ``a != p`` and the same
 label; a negative pair has different labels.
 
+With a reference set (``ref_labels: int[M]``, e.g. a cross-batch memory), ``distances`` is the
+rectangular ``f32[B, M]`` matrix from the batch's anchors to the references, positives and
+negatives are references, and the pairs follow :func:`rankjax.similarity.positive_mask`: empty
+slots (label < 0) are in no pair, and ``ref_self_index[a]`` (when given) is the column never paired
+with anchor ``a``. Time and memory are then :math:`O(B M)` per pass instead of :math:`O(B^2)`.
+
 Semi-hard mining and batch-all sums answer, for every positive pair ``(a, p)``, a query against
 all of ``a``'s negatives. Broadcasting that is a ``B x B x B`` tensor, which is never built. Two
 exact strategies share the work, chosen at run time (``lax.cond``) from the largest class:
 
-* **by positive slots** (every anchor has at most ``4 log2(B)`` positives, which covers P x K
-  batches): a loop over ``k = 1 .. K-1`` visits every anchor's k-th positive at once, and each
-  visit is one fused pass over the ``B x B`` matrix: :math:`O(B^2 K)` time, :math:`O(B^2)`
-  memory, no sort;
+* **by positive slots** (every anchor has at most ``4 log2(M)`` positives, which covers P x K
+  batches; ``M = B`` without references): a loop over ``k = 1 .. K-1`` visits every anchor's
+  k-th positive at once, and each visit is one fused pass over the ``B x B`` matrix:
+  :math:`O(B^2 K)` time, :math:`O(B^2)` memory, no sort;
 * **by sorted rows** (any batch): each anchor's row holds its negative distances and its positive
   queries, sorted together once; every query is then answered from prefix scans of that row, and
   each entry's rank (``searchsorted``) maps values and gradients between sorted and batch order.
@@ -44,12 +50,16 @@ _EXCLUDED = 0xFFFFFFFF  # Sort key of the diagonal (and anything left out): afte
 SLOTS_PER_LOG2_BATCH = 4
 
 
-def hardest_positive(distances: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def hardest_positive(distances: jax.Array, labels: jax.Array, *,
+                     ref_labels: jax.Array | None = None,
+                     ref_self_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   r"""Distance from each anchor to its farthest positive, :math:`\max_{p} d_{ap}`.
 
   Args:
-    distances: ``f32[B, B]`` pairwise distances.
+    distances: ``f32[B, B]`` pairwise distances (``f32[B, M]`` to the references).
     labels: ``int[B]`` class labels.
+    ref_labels: ``int[M]`` labels of the references, or None (the batch is the reference set).
+    ref_self_index: ``int[B]``, the reference column holding each anchor itself, or None.
 
   Returns:
     ``(values f32[B], valid bool[B])``; ``valid[a]`` is False (and ``values[a]`` 0) when ``a`` has
@@ -61,13 +71,18 @@ def hardest_positive(distances: jax.Array, labels: jax.Array) -> tuple[jax.Array
     >>> hardest_positive(d, jnp.array([0, 0, 1]))
     (Array([1., 1., 0.], dtype=float32), Array([ True,  True, False], dtype=bool))
   """
-  return _masked_extreme(distances, similarity.positive_mask(labels), jnp.max)
+  _check_distances(distances, labels, ref_labels)
+  mask = similarity.positive_mask(labels, ref_labels=ref_labels, ref_self_index=ref_self_index)
+  return _masked_extreme(distances, mask, jnp.max)
 
 
-def hardest_negative(distances: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def hardest_negative(distances: jax.Array, labels: jax.Array, *,
+                     ref_labels: jax.Array | None = None,
+                     ref_self_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   r"""Distance from each anchor to its nearest negative, :math:`\min_{n} d_{an}`.
 
-  Returns ``(values f32[B], valid bool[B])`` as :func:`hardest_positive` does.
+  Takes the arguments of :func:`hardest_positive` and returns ``(values f32[B], valid bool[B])``
+  as it does.
 
   Example:
     >>> import jax.numpy as jnp
@@ -75,7 +90,9 @@ def hardest_negative(distances: jax.Array, labels: jax.Array) -> tuple[jax.Array
     >>> hardest_negative(d, jnp.array([0, 0, 1]))[0]
     Array([3., 2., 2.], dtype=float32)
   """
-  return _masked_extreme(distances, similarity.negative_mask(labels), jnp.min)
+  _check_distances(distances, labels, ref_labels)
+  mask = similarity.negative_mask(labels, ref_labels=ref_labels, ref_self_index=ref_self_index)
+  return _masked_extreme(distances, mask, jnp.min)
 
 
 def _masked_extreme(distances, mask, reduce_fn):
@@ -85,7 +102,9 @@ def _masked_extreme(distances, mask, reduce_fn):
   return jnp.where(valid, values, 0.0), valid
 
 
-def semihard_negatives(distances: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def semihard_negatives(distances: jax.Array, labels: jax.Array, *,
+                       ref_labels: jax.Array | None = None,
+                       ref_self_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   r"""Semi-hard negative of every positive pair, by the rule of TF Addons' ``TripletSemiHardLoss``.
 
   For a positive pair :math:`(a, p)` the negative is the nearest one farther than the positive,
@@ -97,11 +116,13 @@ def semihard_negatives(distances: jax.Array, labels: jax.Array) -> tuple[jax.Arr
   :math:`>`, no margin in the selection).
 
   Args:
-    distances: ``f32[B, B]`` pairwise distances (``d >= 0``).
+    distances: ``f32[B, B]`` pairwise distances (``d >= 0``), or ``f32[B, M]`` to references.
     labels: ``int[B]`` class labels.
+    ref_labels: ``int[M]`` labels of the references, or None (the batch is the reference set).
+    ref_self_index: ``int[B]``, the reference column holding each anchor itself, or None.
 
   Returns:
-    ``(negative_distances f32[B, B], valid bool[B, B])``: ``negative_distances[a, p]`` is
+    ``(negative_distances f32[B, M], valid bool[B, M])``: ``negative_distances[a, p]`` is
     :math:`d_{a n^*(a, p)}` where ``valid[a, p]``, i.e. for positive pairs whose anchor has a
     negative, and 0 elsewhere. Differentiable: the gradient of an entry flows to
     :math:`d_{a n^*}` (split equally between exactly tied negatives).
@@ -113,13 +134,16 @@ def semihard_negatives(distances: jax.Array, labels: jax.Array) -> tuple[jax.Arr
     >>> neg[0, 1], neg[1, 0]  # none beyond d_01 = 1: the farthest; 3 and 4 beyond d_10: the nearer
     (Array(0.75, dtype=float32), Array(3., dtype=float32))
   """
-  has_negative = jnp.any(similarity.negative_mask(labels), axis=1)
-  valid = similarity.positive_mask(labels) & has_negative[:, None]
-  return _semihard_choice(distances, labels), valid
+  _check_distances(distances, labels, ref_labels)
+  masks = dict(ref_labels=ref_labels, ref_self_index=ref_self_index)
+  has_negative = jnp.any(similarity.negative_mask(labels, **masks), axis=1)
+  valid = similarity.positive_mask(labels, **masks) & has_negative[:, None]
+  return _semihard_choice(distances, labels, _columns(labels, ref_labels, ref_self_index)), valid
 
 
-def negative_hinge_sums(distances: jax.Array, labels: jax.Array, *,
-                        margin) -> tuple[jax.Array, jax.Array]:
+def negative_hinge_sums(distances: jax.Array, labels: jax.Array, *, margin,
+                        ref_labels: jax.Array | None = None,
+                        ref_self_index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   r"""Batch-all hinge sums: for every positive pair, its summed hinge over all negatives.
 
   .. math::
@@ -130,12 +154,14 @@ def negative_hinge_sums(distances: jax.Array, labels: jax.Array, *,
   computed without the ``B x B x B`` triplet tensor.
 
   Args:
-    distances: ``f32[B, B]`` pairwise distances (``d >= 0``).
+    distances: ``f32[B, B]`` pairwise distances (``d >= 0``), or ``f32[B, M]`` to references.
     labels: ``int[B]`` class labels.
     margin: the margin ``m >= 0`` (a float or a scalar array).
+    ref_labels: ``int[M]`` labels of the references, or None (the batch is the reference set).
+    ref_self_index: ``int[B]``, the reference column holding each anchor itself, or None.
 
   Returns:
-    ``(sums f32[B, B], counts f32[B, B])``, zero off the positive pairs. ``sums`` is
+    ``(sums f32[B, M], counts f32[B, M])``, zero off the positive pairs. ``sums`` is
     differentiable in ``distances`` and ``margin``.
 
   Example:
@@ -145,18 +171,23 @@ def negative_hinge_sums(distances: jax.Array, labels: jax.Array, *,
     >>> sums[0, 1], counts[0, 1]  # only n = 2: 1 - 1.5 + 1
     (Array(0.5, dtype=float32), Array(1., dtype=float32))
   """
-  return _hinge_sums(distances, jnp.asarray(margin, distances.dtype), labels)
+  _check_distances(distances, labels, ref_labels)
+  return _hinge_sums(distances, jnp.asarray(margin, distances.dtype), labels,
+                     _columns(labels, ref_labels, ref_self_index))
 
 
-def negative_softplus_sums(distances: jax.Array, labels: jax.Array) -> jax.Array:
+def negative_softplus_sums(distances: jax.Array, labels: jax.Array, *,
+                           ref_labels: jax.Array | None = None,
+                           ref_self_index: jax.Array | None = None) -> jax.Array:
   r"""Soft batch-all sums :math:`s_{ap} = \sum_n \log(1 + e^{d_{ap} - d_{an}})` per positive pair.
 
   The soft-margin triplet of Hermans et al. 2017 over every negative. Softplus does not split
   into prefix sums, so this always runs by positive slots: :math:`O(B^2 K)` time for classes of
-  at most ``K`` samples (``K = B`` in the worst case), :math:`O(B^2)` memory.
+  at most ``K`` samples (``K = B`` in the worst case), :math:`O(B^2)` memory. Takes the
+  references as :func:`negative_hinge_sums` does (then :math:`O(B M K)` time).
 
   Returns:
-    ``f32[B, B]``, zero off the positive pairs; differentiable in ``distances``.
+    ``f32[B, M]``, zero off the positive pairs; differentiable in ``distances``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -164,21 +195,38 @@ def negative_softplus_sums(distances: jax.Array, labels: jax.Array) -> jax.Array
     >>> negative_softplus_sums(d, jnp.array([0, 0, 1]))[0, 1]  # log(1 + e^0)
     Array(0.6931472, dtype=float32)
   """
-  return _softplus_sums(distances, labels)
+  _check_distances(distances, labels, ref_labels)
+  return _softplus_sums(distances, labels, _columns(labels, ref_labels, ref_self_index))
 
 
-def valid_triplet_count(labels: jax.Array) -> jax.Array:
+def valid_triplet_count(labels: jax.Array, *, ref_labels: jax.Array | None = None,
+                        ref_self_index: jax.Array | None = None) -> jax.Array:
   r"""Number of valid triplets :math:`\sum_a |P(a)|\,|N(a)|` as ``f32[]`` (exceeds int32 at B=4096).
+
+  With ``ref_labels``, positives and negatives are references (as in :func:`semihard_negatives`).
 
   Example:
     >>> import jax.numpy as jnp
     >>> valid_triplet_count(jnp.array([0, 0, 1, 1, 1]))
     Array(18., dtype=float32)
   """
+  if ref_labels is not None:
+    masks = dict(ref_labels=ref_labels, ref_self_index=ref_self_index)
+    positives = jnp.sum(similarity.positive_mask(labels, **masks), axis=1).astype(jnp.float32)
+    negatives = jnp.sum(similarity.negative_mask(labels, **masks), axis=1).astype(jnp.float32)
+    return jnp.sum(positives * negatives)
   same = similarity.same_label_mask(labels)
   same_count = jnp.sum(same, axis=1).astype(jnp.float32)
   batch = labels.shape[0]
   return jnp.sum((same_count - 1.0) * (batch - same_count))
+
+
+def _check_distances(distances, labels, ref_labels):
+  width = labels.shape[0] if ref_labels is None else ref_labels.shape[0]
+  if distances.shape != (labels.shape[0], width):
+    what = "references" if ref_labels is not None else "batch"
+    raise ValueError(f"distances must have shape [{labels.shape[0]}, {width}] (anchors x "
+                     f"{what}); got {tuple(distances.shape)}.")
 
 
 class ClassPairs(NamedTuple):
@@ -260,29 +308,60 @@ def _map_rows(fn, *rows):
   return lax.map(lambda args: fn(*args), rows, batch_size=block)
 
 
-def _row_masks(labels, anchor):
-  """``(positive bool[B], negative bool[B])`` of one anchor."""
-  same = labels == labels[anchor]
-  return same & (jnp.arange(labels.shape[0]) != anchor), ~same
+class _Columns(NamedTuple):
+  """What an anchor may be paired with: the batch itself, or a reference set."""
+  labels: jax.Array             # int[M]: the columns' labels
+  usable: jax.Array | None      # bool[M]: False for an empty slot; None: all usable (the batch)
+  self_column: jax.Array        # int[B]: the column holding each anchor itself (M or < 0: none)
+
+
+def _columns(labels, ref_labels, ref_self_index) -> _Columns:
+  if ref_labels is None:
+    return _Columns(labels, None, jnp.arange(labels.shape[0], dtype=jnp.int32))
+  width = ref_labels.shape[0]
+  if ref_self_index is None:
+    ref_self_index = jnp.full(labels.shape, width, jnp.int32)
+  return _Columns(ref_labels, ref_labels >= 0, ref_self_index)
+
+
+def _row_masks(labels, columns: _Columns, anchor):
+  """``(positive bool[M], negative bool[M])`` of one anchor."""
+  same = columns.labels == labels[anchor]
+  other = jnp.arange(columns.labels.shape[0]) != columns.self_column[anchor]
+  if columns.usable is None:
+    return same & other, ~same
+  usable = columns.usable & other
+  return same & usable, ~same & usable
 
 
 class _Slots(NamedTuple):
-  """Where each anchor's class sits in label-sorted order: its k-th positive is one lookup away."""
-  order: jax.Array          # int[B]: batch indices sorted by label (stable)
+  """Where each anchor's class sits among the label-sorted columns: its k-th positive is one
+  lookup away."""
+  order: jax.Array          # int[M]: column indices sorted by label (stable)
   class_start: jax.Array    # int[B]: per anchor, first position of its class in `order`
-  class_size: jax.Array     # int[B]: per anchor, number of samples of its class
-  offset: jax.Array         # int[B]: per anchor, its own position within its class
-  max_positives: jax.Array  # int[]: largest class size - 1
+  class_size: jax.Array     # int[B]: per anchor, number of columns of its class
+  offset: jax.Array         # int[B]: per anchor, its own position within its class (-1: absent)
+  count: jax.Array          # int[B]: per anchor, number of positives
+  max_positives: jax.Array  # int[]: largest number of positives
 
 
-def _positive_slots(labels) -> _Slots:
-  order = jnp.argsort(labels, stable=True)
-  sorted_labels = labels[order]
-  start = jnp.searchsorted(sorted_labels, sorted_labels, side="left")
-  size = jnp.searchsorted(sorted_labels, sorted_labels, side="right") - start
-  position = jnp.zeros_like(order).at[order].set(jnp.arange(labels.shape[0], dtype=order.dtype))
-  start, size = start[position], size[position]
-  return _Slots(order, start, size, position - start, jnp.max(size) - 1)
+def _positive_slots(labels, columns: _Columns) -> _Slots:
+  width = columns.labels.shape[0]
+  keys = columns.labels
+  if columns.usable is not None:  # Empty slots sort first, in a class no anchor has.
+    keys = jnp.where(columns.usable, keys, jnp.iinfo(keys.dtype).min)
+  order = jnp.argsort(keys, stable=True)
+  sorted_keys = keys[order]
+  start = jnp.searchsorted(sorted_keys, labels, side="left")
+  size = jnp.searchsorted(sorted_keys, labels, side="right") - start
+  position = jnp.zeros_like(order).at[order].set(jnp.arange(width, dtype=order.dtype))
+  own = columns.self_column
+  inside = (own >= 0) & (own < width)
+  own_position = position[jnp.clip(own, 0, width - 1)]
+  has_self = inside & (own_position >= start) & (own_position < start + size)
+  offset = jnp.where(has_self, own_position - start, -1)
+  count = size - has_self.astype(size.dtype)
+  return _Slots(order, start, size, offset, count, jnp.max(count))
 
 
 def _use_slots(slots):
@@ -291,9 +370,13 @@ def _use_slots(slots):
 
 
 def _partner(slots: _Slots, anchor, k):
-  """The anchor's k-th positive (k >= 1) as ``(column, valid)``; column B (dropped) if none."""
+  """The anchor's k-th positive (k >= 1) as ``(column, valid)``; column M (dropped) if none.
+
+  Its class's columns are visited cyclically from the one after the anchor's own (from the first
+  when the anchor is not among them).
+  """
   size = slots.class_size[anchor]
-  valid = k < size
+  valid = k <= slots.count[anchor]
   within = (slots.offset[anchor] + k) % jnp.maximum(size, 1)
   partner = slots.order[slots.class_start[anchor] + within]
   return jnp.where(valid, partner, slots.order.shape[0]), valid
@@ -343,12 +426,12 @@ def _exclusive_cumsum(x):
 
 
 @jax.custom_vjp
-def _semihard_choice(distances, labels):
-  """``f32[B, B]``: per positive pair, the chosen negative's distance (0 without negatives)."""
-  slots = _positive_slots(labels)
+def _semihard_choice(distances, labels, columns):
+  """``f32[B, M]``: per positive pair, the chosen negative's distance (0 without negatives)."""
+  slots = _positive_slots(labels, columns)
 
   def row(d_row, anchor):
-    pos, neg = _row_masks(labels, anchor)
+    pos, neg = _row_masks(labels, columns, anchor)
     return lax.cond(_use_slots(slots),
                     lambda: _semihard_row_by_slots(d_row, neg, slots, anchor),
                     lambda: _semihard_row_by_sorting(d_row, pos, neg)[0])
@@ -386,21 +469,21 @@ def _semihard_row_by_sorting(d_row, pos, neg):
   return chosen, found, farthest, sorted_keys, ranks, is_negative
 
 
-def _semihard_fwd(distances, labels):
-  return _semihard_choice(distances, labels), (distances, labels)
+def _semihard_fwd(distances, labels, columns):
+  return _semihard_choice(distances, labels, columns), (distances, labels, columns)
 
 
 def _semihard_bwd(residuals, g):
-  distances, labels = residuals
-  slots = _positive_slots(labels)
+  distances, labels, columns = residuals
+  slots = _positive_slots(labels, columns)
 
   def row(d_row, g_row, anchor):
-    pos, neg = _row_masks(labels, anchor)
+    pos, neg = _row_masks(labels, columns, anchor)
     return lax.cond(_use_slots(slots),
                     lambda: _semihard_grad_row_by_slots(d_row, g_row, neg, slots, anchor),
                     lambda: _semihard_grad_row_by_sorting(d_row, g_row, pos, neg))
 
-  return _map_rows(row, distances, g, jnp.arange(labels.shape[0])), None
+  return _map_rows(row, distances, g, jnp.arange(labels.shape[0])), None, None
 
 
 def _shared(d_row, neg, value, g):
@@ -448,12 +531,12 @@ _semihard_choice.defvjp(_semihard_fwd, _semihard_bwd)
 
 
 @jax.custom_vjp
-def _hinge_sums(distances, margin, labels):
-  """``(sums f32[B, B], counts f32[B, B])`` of relu(d_ap + m - d_an) over negatives n."""
-  slots = _positive_slots(labels)
+def _hinge_sums(distances, margin, labels, columns):
+  """``(sums f32[B, M], counts f32[B, M])`` of relu(d_ap + m - d_an) over negatives n."""
+  slots = _positive_slots(labels, columns)
 
   def row(d_row, anchor):
-    pos, neg = _row_masks(labels, anchor)
+    pos, neg = _row_masks(labels, columns, anchor)
     return lax.cond(_use_slots(slots),
                     lambda: _hinge_row_by_slots(d_row, margin, neg, slots, anchor),
                     lambda: _hinge_row_by_sorting(d_row, margin, pos, neg)[:2])
@@ -486,22 +569,22 @@ def _hinge_row_by_sorting(d_row, margin, pos, neg):
   return sums, counts, ranks, is_negative
 
 
-def _hinge_fwd(distances, margin, labels):
-  return _hinge_sums(distances, margin, labels), (distances, margin, labels)
+def _hinge_fwd(distances, margin, labels, columns):
+  return _hinge_sums(distances, margin, labels, columns), (distances, margin, labels, columns)
 
 
 def _hinge_bwd(residuals, cotangents):
-  distances, margin, labels = residuals
-  slots = _positive_slots(labels)
+  distances, margin, labels, columns = residuals
+  slots = _positive_slots(labels, columns)
 
   def row(d_row, g_row, anchor):
-    pos, neg = _row_masks(labels, anchor)
+    pos, neg = _row_masks(labels, columns, anchor)
     return lax.cond(_use_slots(slots),
                     lambda: _hinge_grad_row_by_slots(d_row, g_row, margin, neg, slots, anchor),
                     lambda: _hinge_grad_row_by_sorting(d_row, g_row, margin, pos, neg))
 
   grad, grad_margin = _map_rows(row, distances, cotangents[0], jnp.arange(labels.shape[0]))
-  return grad, jnp.sum(grad_margin).astype(margin.dtype), None
+  return grad, jnp.sum(grad_margin).astype(margin.dtype), None, None
 
 
 def _hinge_grad_row_by_slots(d_row, g_row, margin, neg, slots, anchor):
@@ -534,12 +617,12 @@ _hinge_sums.defvjp(_hinge_fwd, _hinge_bwd)
 
 
 @jax.custom_vjp
-def _softplus_sums(distances, labels):
-  """``f32[B, B]``: per positive pair, sum over negatives n of softplus(d_ap - d_an)."""
-  slots = _positive_slots(labels)
+def _softplus_sums(distances, labels, columns):
+  """``f32[B, M]``: per positive pair, sum over negatives n of softplus(d_ap - d_an)."""
+  slots = _positive_slots(labels, columns)
 
   def row(d_row, anchor):
-    _, neg = _row_masks(labels, anchor)
+    _, neg = _row_masks(labels, columns, anchor)
 
     def visit(k, sums):
       column, _ = _partner(slots, anchor, k)
@@ -551,16 +634,16 @@ def _softplus_sums(distances, labels):
   return _map_rows(row, distances, jnp.arange(labels.shape[0]))
 
 
-def _softplus_fwd(distances, labels):
-  return _softplus_sums(distances, labels), (distances, labels)
+def _softplus_fwd(distances, labels, columns):
+  return _softplus_sums(distances, labels, columns), (distances, labels, columns)
 
 
 def _softplus_bwd(residuals, g):
-  distances, labels = residuals
-  slots = _positive_slots(labels)
+  distances, labels, columns = residuals
+  slots = _positive_slots(labels, columns)
 
   def row(d_row, g_row, anchor):
-    _, neg = _row_masks(labels, anchor)
+    _, neg = _row_masks(labels, columns, anchor)
 
     def visit(k, grad):
       column, valid = _partner(slots, anchor, k)
@@ -570,7 +653,7 @@ def _softplus_bwd(residuals, g):
 
     return _over_slots(slots, visit, jnp.zeros_like(d_row))
 
-  return _map_rows(row, distances, g, jnp.arange(labels.shape[0])), None
+  return _map_rows(row, distances, g, jnp.arange(labels.shape[0])), None, None
 
 
 _softplus_sums.defvjp(_softplus_fwd, _softplus_bwd)

@@ -12,14 +12,20 @@ Single host::
   mesh = make_mesh()
   batch = global_batch({"image": images, "label": labels}, mesh)   # numpy in, sharded jax.Array out
 
-Multi-host (a TPU pod slice, a GPU cluster): call :func:`initialize_distributed` first; every host
-then feeds its own slice of the global batch (``process_index``/``process_count`` in
-:func:`rankjax.data.train_batches`) and :func:`global_batch` assembles the global array from the
-per-host pieces without moving data between hosts.
+Multi-host (a TPU pod slice, a GPU cluster, or several processes on one machine with
+``python -m rankjax.launch``): call :func:`initialize_distributed` first, and
+:func:`check_same_config` before training; every host then feeds its own slice of the global
+batch (``process_index``/``process_count`` in :func:`rankjax.data.train_batches`) and
+:func:`global_batch` assembles the global array from the per-host pieces without moving data
+between hosts. :func:`to_host` gathers outputs back to every host; :func:`process_order` puts the
+rows of per-host evaluation shards back in the dataset's order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -31,23 +37,91 @@ import numpy as np
 DATA_AXIS = "data"
 
 
-def initialize_distributed(**kwargs) -> None:
-  """Connects the hosts of a multi-host job (``jax.distributed.initialize``); idempotent.
+def initialize_distributed(*, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           initialization_timeout: int = 300,
+                           heartbeat_timeout: int = 100) -> None:
+  """Connects the processes of a multi-process job (``jax.distributed.initialize``); idempotent.
 
-  On Cloud TPU and under SLURM / Open MPI the coordinator is discovered automatically; elsewhere
-  pass ``coordinator_address=``, ``num_processes=`` and ``process_id=``.
+  Call it before anything touches a device. On a Cloud TPU pod slice and under SLURM or Open MPI
+  JAX discovers the cluster by itself (leave the first three arguments ``None``); elsewhere (a
+  Kubernetes job, several processes on one machine) pass all three.
+
+  Args:
+    coordinator_address: ``host:port`` of process 0, where JAX's coordination service listens.
+    num_processes: the number of processes of the job.
+    process_id: this process, in ``[0, num_processes)``.
+    initialization_timeout: seconds to wait for every process to connect before failing.
+    heartbeat_timeout: seconds after which a silent process counts as dead; the coordination
+      service then stops every other process with an error naming it, instead of letting them
+      wait forever in a collective.
+
+  Raises:
+    ValueError: a ``process_id`` outside ``[0, num_processes)`` or a timeout below 1 s.
   """
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1; got {num_processes}.")
+  if process_id is not None and (process_id < 0 or (num_processes is not None and
+                                                     process_id >= num_processes)):
+    raise ValueError(f"process_id={process_id} is not in [0, num_processes={num_processes}).")
+  for name, value in (("initialization_timeout", initialization_timeout),
+                      ("heartbeat_timeout", heartbeat_timeout)):
+    if value < 1:
+      raise ValueError(f"{name} must be at least 1 second; got {value}.")
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             initialization_timeout=initialization_timeout,
+                             heartbeat_timeout_seconds=heartbeat_timeout)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
 
 
+def check_same_config(config: Any, workdir: str) -> None:
+  """Raises ``ValueError`` on every process unless all processes got the same config and workdir.
+
+  Each process hashes ``config`` (its JSON, keys sorted) and ``workdir``; the hashes are
+  gathered to every process and compared, so a job whose processes were started with different
+  overrides stops before training instead of training on inconsistent shards. A no-op in a
+  single-process job.
+  """
+  if jax.process_count() == 1:
+    return
+  to_json = getattr(config, "to_json_best_effort", None)
+  text = to_json(sort_keys=True) if to_json else json.dumps(config, sort_keys=True, default=str)
+  mine = np.stack([_digest(text), _digest(os.path.abspath(workdir))])
+  every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 2, words]
+  for i, what in enumerate(("config", "workdir")):
+    differ = [p for p in range(every.shape[0]) if not np.array_equal(every[p, i], every[0, i])]
+    if differ:
+      raise ValueError(
+          f"The processes of this job were started with different {what}s: process(es) "
+          f"{differ} differ from process 0 ({what} hash {_hex(every[differ[0], i])} vs "
+          f"{_hex(every[0, i])}). Every process must get the same --config file, the same "
+          "--config.* overrides and the same --workdir (a directory all processes share); only "
+          "--process_id differs between them.")
+
+
+def _digest(text: str) -> np.ndarray:
+  """The first 128 bits of the SHA-256 of ``text`` as uint32[4] (gatherable without x64)."""
+  return np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.uint32).copy()
+
+
+def _hex(words: np.ndarray) -> str:
+  return np.asarray(words, np.uint32).tobytes().hex()[:12]
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh named ``"data"`` over ``devices`` (default: every device of every host)."""
-  devices = jax.devices() if devices is None else list(devices)
+  """A 1-D mesh named ``"data"`` over ``devices`` (default: every device of every host).
+
+  The default orders the devices process by process, so each process's devices hold one
+  contiguous block of a batch: the global batch is the processes' batches concatenated in
+  process order (:func:`global_batch`).
+  """
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = list(devices)
   if not devices:
     raise ValueError("devices must hold at least one device.")
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -127,3 +201,29 @@ def to_host(x: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(x)
   return multihost_utils.process_allgather(x, tiled=True)
+
+
+def process_order(rows: np.ndarray, batch_size: int, *, num_processes: int | None = None
+                  ) -> np.ndarray:
+  """Regroups the rows of consecutive global batches by the process that fed them.
+
+  ``rows`` holds global batches of ``batch_size`` rows one after another, each the concatenation
+  of the processes' equal parts (:func:`global_batch`). Returns process 0's part of every batch
+  (in batch order), then process 1's, and so on. When each process walks its own contiguous shard
+  of a dataset (:func:`rankjax.data.eval_batches`), that is the dataset in its own order, the
+  order a single process sees. The identity in a single-process job.
+
+  Example (two processes, global batches of 4; process 0 walks items 0-3, process 1 items 4-7)::
+
+    >>> process_order(np.array([0, 1, 4, 5, 2, 3, 6, 7]), 4, num_processes=2)
+    array([0, 1, 2, 3, 4, 5, 6, 7])
+  """
+  n = jax.process_count() if num_processes is None else num_processes
+  rows = np.asarray(rows)
+  if n == 1:
+    return rows
+  if batch_size % n or rows.shape[0] % batch_size:
+    raise ValueError(f"{rows.shape[0]} rows are not whole global batches of {batch_size} split "
+                     f"over {n} processes.")
+  blocks = rows.reshape(rows.shape[0] // batch_size, n, batch_size // n, *rows.shape[1:])
+  return blocks.swapaxes(0, 1).reshape(rows.shape)

@@ -12,9 +12,22 @@ is computed on the *global* batch, so every anchor meets negatives from every de
 BatchNorm statistics are global (synchronised BatchNorm, by construction). One step on 8 devices
 therefore equals one step on 1 device with the same global batch.
 
-Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/`` (best
-``config.eval.best_metric``), see :mod:`rankjax.checkpoint`; TensorBoard scalars in
-``tensorboard/``; ``metrics.json`` with the final evaluation. :func:`rankjax.load_embedder` turns the directory into
+A loss's own parameters (class proxies, :mod:`rankjax.loss_params`) live in the train state beside
+the model's, trained in their own optimizer groups; with ``config.xbm.enabled`` the state also
+holds a cross-batch memory of past global batches (:mod:`rankjax.cross_batch`). Both are
+checkpointed with the optimizer state, so a resumed run continues exactly.
+
+Protocol: every ``config.eval.every`` steps the *validation* split (classes carved from the
+training classes, :class:`rankjax.data.Protocol`) is evaluated and ``best/`` keeps the
+checkpoint with the best ``config.eval.best_metric``; at the end the test split
+(``config.eval.split``) is evaluated once, on that best checkpoint (or on the last state when
+there were no validation evaluations). The test split never chooses anything.
+
+Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/``, see
+:mod:`rankjax.checkpoint`; TensorBoard scalars in ``tensorboard/`` (``train/``, ``val/``,
+``test/``); ``metrics.json`` with the final evaluation and which checkpoint it is of
+(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics).
+:func:`rankjax.load_embedder` turns the directory into
 an embedding function.
 """
 
@@ -38,17 +51,24 @@ from flax import nnx
 
 from rankjax import checkpoint
 from rankjax import configs
+from rankjax import cross_batch
 from rankjax import diagnostics
+from rankjax import loss_params as loss_params_lib
 from rankjax import parallel
+from rankjax import seeding
 from rankjax import augment as device_augment
 from rankjax.evaluation import test_time
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
-PROXIES = "proxies"  # The model attribute (and top-level parameter) of a proxy loss's proxies.
+# Where the loss's own parameters sit in the tree the optimizer updates (beside the model's
+# "backbone" and "head"); see trainable_params.
+LOSS_PARAMS = "loss"
 
 # A training state: plain nested dicts of arrays, so checkpoints do not depend on NNX internals.
-#   {"step": i32[], "params": {...}, "model_state": {...}, "opt_state": optax state}
+#   {"step": i32[], "params": {...}, "model_state": {...}, "opt_state": optax state,
+#    "loss_params": {keyword: array} (the loss's own parameters, e.g. class proxies),
+#    "xbm": the cross-batch memory, with config.xbm.enabled (rankjax.cross_batch)}
 TrainState = dict[str, Any]
 
 
@@ -69,10 +89,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Config and logging (the evaluator first: a bad metric name fails before any work). ---
   configs.check_config(config)
   evaluator = evaluation.Evaluator(config.eval.metrics, distance=config.eval.distance,
-                                   chunk_size=config.eval.chunk_size, nmi_seed=config.seed)
+                                   chunk_size=config.eval.chunk_size,
+                                   nmi_seed=seeding.stream_seed(config.seed, "nmi"))
   _quiet_orbax_info_logs()
   if config.distributed:
     parallel.initialize_distributed()
+  parallel.check_same_config(config, workdir)  # Every process of a job runs the same experiment.
   is_chief = jax.process_index() == 0
   total_steps = config.train.steps
 
@@ -88,13 +110,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Model and loss (names and sizes are checked before any data is read). ---
   loss_fn = losses.get_loss(config.loss.name, **configs.loss_kwargs(config))
   models.check_image_size(config.model.name, config.image_size)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  protocol = data.Protocol.from_config(config.protocol)
+  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir, protocol=protocol)
+  if config.eval.every and not info.val_classes:
+    raise ValueError(
+        f"config.eval.every={config.eval.every} evaluates the validation split to choose the best "
+        f"checkpoint, but {config.dataset!r} has none under this protocol: set "
+        "config.protocol.val_fraction > 0 (choosing by the test split would leak it), or "
+        "config.eval.every=0.")
   model = build_model(config, info)
   train_graphdef, eval_graphdef, params, model_state = split_model(model)
-  logging.info("Model %s: %s parameters, %d-d embeddings (%s); loss %s %s.", config.model.name,
+  loss_params = init_loss_params(config, info)
+  logging.info("Model %s: %s parameters, %d-d embeddings (%s); loss %s %s%s.", config.model.name,
                f"{sum(x.size for x in jax.tree.leaves(params)):,}", config.model.embedding_dim,
                "L2-normalised" if configs.normalize_embeddings(config) else "unnormalised",
-               config.loss.name, configs.loss_kwargs(config))
+               config.loss.name, configs.loss_kwargs(config),
+               "".join(f", its {k} {tuple(v.shape)}" for k, v in loss_params.items()))
 
   # --- Workdir and TensorBoard. ---
   os.makedirs(workdir, exist_ok=True)
@@ -105,12 +136,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = _SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
 
   # --- Optimizer, shardings and the update step. ---
-  tx, schedules = make_optimizer(config.optimizer, params, total_steps)
-  state = init_state(params, model_state, tx)
+  tx, schedules = make_optimizer(
+      config.optimizer, trainable_params(params, loss_params), total_steps,
+      loss_learning_rates=loss_params_lib.learning_rates(config.loss.name, config))
+  memory = cross_batch.settings(config)
+  state = init_state(params, model_state, tx, loss_params=loss_params, xbm=None if memory is None
+                     else cross_batch.init_memory(memory.size, config.model.embedding_dim))
+  if memory is not None:
+    logging.info("Cross-batch memory of %d embeddings from step %d on, weight %g.", memory.size,
+                 memory.start_step, memory.weight)
   batch_transform = make_batch_transform(config)
   train_step, state_sharding = parallel.jit_data_parallel(
       make_train_step(train_graphdef, loss_fn, tx, schedules, diagnostics_kwargs(config),
-                      batch_transform=batch_transform),
+                      batch_transform=batch_transform, memory=memory,
+                      loss_key=(seeding.stream_key(config.seed, "loss")
+                                if config.loss.name in losses.LOSSES_NEEDING_KEY else None)),
       state, mesh)
   state = jax.device_put(state, state_sharding)
 
@@ -118,11 +158,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints,
                                  best_metric=config.eval.best_metric)
   start_step = 0
-  restored = ckpts.restore_latest(model_variables(state), state["opt_state"])
+  restored = ckpts.restore_latest(model_variables(state), training_variables(state))
   if restored is not None:
-    variables, opt_state, progress = restored
+    variables, training, progress = restored
     start_step = progress["data_position"]
-    state = {**variables, "opt_state": opt_state,
+    state = {**variables, **training,
              "step": jax.device_put(jnp.int32(progress["step"]), state_sharding["step"])}
     logging.info("Resumed from %s at step %d.", os.path.join(workdir, checkpoint.LATEST_DIR),
                  start_step)
@@ -131,27 +171,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = data.train_batches(
       config.dataset, classes_per_batch=config.classes_per_batch,
       samples_per_class=config.samples_per_class, image_size=config.image_size,
-      seed=config.seed, data_dir=config.data_dir, augment=config.augment,
-      start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      seed=seeding.stream_seed(config.seed, "data"), data_dir=config.data_dir,
+      augment=config.augment, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_shards=config.data_shards, protocol=protocol)
 
   # --- Evaluators. ---
   embed = make_eval_embed_fn(eval_graphdef, config, mesh)
 
-  def evaluate(state: TrainState) -> dict[str, float]:
+  def evaluate(variables: dict, split: str) -> dict[str, float]:
     views = len(test_time.shift_offsets(config.eval.test_time_shift))
-    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", config.eval.split,
+    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", split,
                  f" in {views} shifted views" if views > 1 else "",
                  ", ".join(config.eval.metrics))
     start = time.perf_counter()
-    embeddings, labels = embed_split(embed, model_variables(state), mesh, config)
+    embeddings, labels = embed_split(embed, variables, mesh, config, split=split)
     logging.info("Embedded %d images in %.1f s.", len(labels), time.perf_counter() - start)
     return {name: float(value) for name, value in evaluator.run(embeddings, labels)}
 
   # --- Loop. ---
   progress = _Progress(total_steps, start_step, global_batch_size)
   window = []
-  metrics = None
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.global_batch(next(batches), mesh)
     state, step_metrics = train_step(state, batch)
@@ -166,23 +205,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
                             **progress.rates(prefix="perf/")})
     if step % config.train.checkpoint_every == 0 or step == total_steps:
-      ckpts.save(step, model_variables(state), state["opt_state"], force=True)
-    if step == total_steps or (config.eval.every and step % config.eval.every == 0):
+      ckpts.save(step, model_variables(state), training_variables(state), force=True)
+    if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
       ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
-      metrics = evaluate(state)
-      logging.info("step %d eval on %s: %s", step, config.eval.split,
-                   " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-      writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-      ckpts.save_best(step, model_variables(state), metrics)
+      val_metrics = evaluate(model_variables(state), "val")
+      logging.info("step %d eval on val: %s", step,
+                   " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+      writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
+      ckpts.save_best(step, model_variables(state), val_metrics)
       progress.pause()  # Evaluation time is not training throughput.
 
-  if metrics is None:  # Already trained to the end (e.g. killed before metrics.json was written).
-    metrics = evaluate(state)
+  # --- The final evaluation, once: the best checkpoint by validation, else the last state. ---
   ckpts.wait()
+  report = {"checkpoint": "final", "checkpoint_step": int(state["step"])}
+  variables = model_variables(state)
+  if config.eval.every and ckpts.best_step is not None:
+    variables, best = checkpoint.restore_model(workdir, variables, which="best")
+    report = {"checkpoint": "best", "checkpoint_step": int(best["step"]),
+              "selected_by": f"val/{config.eval.best_metric}",
+              **{f"val/{k}": v for k, v in best["metrics"].items()}}
+  logging.info("Final evaluation on the %s split of the %s checkpoint (step %d).",
+               config.eval.split, report["checkpoint"], report["checkpoint_step"])
+  metrics = evaluate(variables, config.eval.split)
+  logging.info("%s: %s", config.eval.split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  writer.scalars(int(state["step"]), {f"{config.eval.split}/{k}": v for k, v in metrics.items()})
   ckpts.close()
   writer.close()
   if is_chief:
-    _write_json_atomically(os.path.join(workdir, METRICS_FILE), metrics)
+    _write_json_atomically(os.path.join(workdir, METRICS_FILE), {**metrics, **report})
   return metrics
 
 
@@ -194,13 +244,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
   """The encoder + head of ``config.model`` for a dataset with ``info.num_channels`` channels.
 
-  A proxy-based loss also gives the model one proxy per training class (``info.train_classes``,
-  x4 with ``config.rotate_classes``); other losses need only ``info.num_channels``.
+  ``info`` is a :class:`rankjax.data.DatasetInfo` or anything with ``num_channels`` (the dataset's
+  spec: the model needs nothing else of the data, nor of the loss).
   """
   from rankjax import models  # pylint: disable=g-import-not-at-top
-  num_proxies = 0
-  if config.loss.name in configs.PROXY_LOSSES:
-    num_proxies = configs.num_proxies(config, info.train_classes)
   return models.get_model(
       config.model.name, embedding_dim=config.model.embedding_dim,
       num_channels=info.num_channels, pooling=config.model.pooling,
@@ -208,8 +255,22 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
       freeze_batchnorm=config.model.freeze_batchnorm, dtype=jnp.dtype(config.model.dtype),
       pretrained=config.model.pretrained,
       backbone_options=config.model.backbone_options.to_dict() or None,
-      num_proxies=num_proxies,
-      rngs=nnx.Rngs(config.seed))
+      rngs=nnx.Rngs(seeding.stream_key(config.seed, "init")))
+
+
+def init_loss_params(config: ml_collections.ConfigDict, info: Any) -> dict[str, jax.Array]:
+  """The loss's own parameters at their start (:mod:`rankjax.loss_params`); ``{}`` for most.
+
+  Sized by the training labels (``info.train_classes``, x4 with ``config.rotate_classes``) and
+  ``config.model.embedding_dim``; drawn from their own stream of ``config.seed``
+  (:mod:`rankjax.seeding`).
+  """
+  if not loss_params_lib.has_params(config.loss.name):
+    return {}
+  return loss_params_lib.init_loss_params(
+      config.loss.name, configs.num_train_labels(config, info.train_classes),
+      config.model.embedding_dim, seeding.stream_key(config.seed, "loss_params"),
+      **configs.loss_kwargs(config))
 
 
 def split_model(model: nnx.Module):
@@ -227,10 +288,31 @@ def split_model(model: nnx.Module):
           nnx.to_pure_dict(model_state))
 
 
-def init_state(params: Any, model_state: Any, tx: optax.GradientTransformation) -> TrainState:
-  """The train state before the first step."""
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-          "opt_state": tx.init(params)}
+def init_state(params: Any, model_state: Any, tx: optax.GradientTransformation, *,
+               loss_params: dict[str, jax.Array] | None = None,
+               xbm: dict[str, jax.Array] | None = None) -> TrainState:
+  """The train state before the first step.
+
+  ``loss_params``: the loss's own parameters, if it has any; ``xbm``: an empty cross-batch
+  memory (:func:`rankjax.cross_batch.init_memory`) when training with one.
+  """
+  loss_params = dict(loss_params or {})
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+           "opt_state": tx.init(trainable_params(params, loss_params)), "loss_params": loss_params}
+  if xbm is not None:
+    state["xbm"] = xbm
+  return state
+
+
+def trainable_params(params: Any, loss_params: dict[str, jax.Array]) -> dict[str, Any]:
+  """The tree the optimizer updates: the model's parameters and, under ``"loss"``, the loss's.
+
+  Without loss parameters it is the model's parameters alone.
+  """
+  if LOSS_PARAMS in params:
+    raise ValueError(f"The model has a top-level parameter {LOSS_PARAMS!r}, the name reserved for "
+                     "the loss's own parameters.")
+  return {**params, LOSS_PARAMS: loss_params} if loss_params else params
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:
@@ -238,19 +320,34 @@ def model_variables(state: TrainState) -> dict[str, Any]:
   return {"params": state["params"], "model_state": state["model_state"]}
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
+def training_variables(state: TrainState) -> dict[str, Any]:
+  """What only training needs (checkpointed to resume): optimizer state, the loss's parameters,
+  the cross-batch memory."""
+  return {k: v for k, v in state.items() if k not in ("step", "params", "model_state")}
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int, *,
+                   loss_learning_rates: dict[str, float] | None = None
                    ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
   """The optax optimizer of ``config.optimizer`` and its learning-rate schedules by group.
 
-  Parameters under the model's ``head`` get ``head_learning_rate`` (when set), the class proxies
-  of a proxy-based loss (``proxies``) get :func:`rankjax.configs.proxy_learning_rate`, and the
-  backbone ``learning_rate``, each with the same warm-up and schedule (``optax.multi_transform``
-  by path). Weight decay applies to kernels and proxies only (rank >= 2), not to biases or
-  BatchNorm scales. The global gradient norm is clipped first when ``grad_clip_norm > 0``.
+  ``params`` is the tree to optimise: the model's parameters, and the loss's own under ``"loss"``
+  (:func:`trainable_params`). Parameters under the model's ``head`` get ``head_learning_rate``
+  (when set), each parameter of the loss its own group at ``loss_learning_rates[keyword]`` (e.g.
+  ``proxies`` at :func:`rankjax.configs.proxy_learning_rate`; see
+  :func:`rankjax.loss_params.learning_rates`), and the backbone ``learning_rate``, each with the
+  same warm-up and schedule (``optax.multi_transform`` by path). Weight decay applies to kernels
+  and proxies only (rank >= 2), not to biases, BatchNorm scales or a scalar margin. The global
+  gradient norm is clipped first when ``grad_clip_norm > 0``.
 
   Returns:
-    ``(tx, {"backbone": schedule, "head": schedule[, "proxies": schedule]})``.
+    ``(tx, {"backbone": schedule, "head": schedule[, keyword: schedule per loss parameter]})``.
   """
+  loss_learning_rates = dict(loss_learning_rates or {})
+  missing = sorted(set(params.get(LOSS_PARAMS, {})) - set(loss_learning_rates))
+  if missing:
+    raise ValueError(f"The loss's parameters {missing} have no learning rate "
+                     "(loss_learning_rates).")
   decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
 
   def schedule(peak: float) -> optax.Schedule:
@@ -293,9 +390,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
   schedules = {"backbone": schedule(cfg.learning_rate)}
   schedules["head"] = (schedules["backbone"] if cfg.head_learning_rate is None
                        else schedule(cfg.head_learning_rate))
-  if PROXIES in params:
-    schedules["proxies"] = schedule(configs.proxy_learning_rate(cfg))
-  if PROXIES not in params and cfg.head_learning_rate is None:
+  for name in sorted(params.get(LOSS_PARAMS, {})):
+    schedules[name] = schedule(loss_learning_rates[name])
+  if not params.get(LOSS_PARAMS) and cfg.head_learning_rate is None:
     tx = optimizer(schedules["backbone"])
   else:
     tx = optax.multi_transform({group: optimizer(lr) for group, lr in schedules.items()},
@@ -306,11 +403,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
 
 
 def param_groups(params: Any) -> Any:
-  """``"head"`` under the model's ``head``, ``"proxies"`` for its proxies, else ``"backbone"``."""
+  """``"head"`` under the model's ``head``, its keyword for a loss parameter, else
+  ``"backbone"``."""
 
   def group(path, _):
     top = getattr(path[0], "key", None)
-    return top if top in ("head", PROXIES) else "backbone"
+    if top == LOSS_PARAMS:
+      return path[1].key
+    return "head" if top == "head" else "backbone"
 
   return jax.tree_util.tree_map_with_path(group, params)
 
@@ -328,7 +428,9 @@ def diagnostics_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
                     schedules: dict[str, optax.Schedule], diagnostic_kwargs: dict[str, Any], *,
-                    batch_transform: Callable[[dict, jax.Array], dict] | None = None
+                    batch_transform: Callable[[dict, jax.Array], dict] | None = None,
+                    memory: cross_batch.MemorySettings | None = None,
+                    loss_key: jax.Array | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
 
@@ -336,28 +438,43 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   :mod:`rankjax.parallel` (train_and_evaluate does). ``metrics`` holds the loss, the gradient norm,
   the learning rates and :func:`rankjax.diagnostics.batch_diagnostics` of the batch.
   ``batch_transform(batch, step)``, if given, augments the batch on the device first (e.g.
-  :func:`make_batch_transform`).
+  :func:`make_batch_transform`). With ``memory``, the loss adds its term against the cross-batch
+  memory ``state["xbm"]`` (:func:`rankjax.cross_batch.loss_with_memory`), which the step updates,
+  and ``metrics["xbm_loss"]`` is that term. A loss that samples (``losses.LOSSES_NEEDING_KEY``)
+  gets ``key=fold_in(loss_key, step)``.
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
     if batch_transform is not None:
       batch = batch_transform(batch, state["step"])
-    def compute_loss(params):
+    def compute_loss(trainable):
+      params = {k: v for k, v in trainable.items() if k != LOSS_PARAMS}
       model = nnx.merge(graphdef, params, state["model_state"])
       embeddings = model(batch["image"]).astype(jnp.float32)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-      proxies = {"proxies": model.proxies[...]} if PROXIES in params else {}
-      return loss_fn(embeddings, batch["label"], **proxies), (embeddings, new_model_state)
+      options = dict(trainable.get(LOSS_PARAMS, {}))
+      if loss_key is not None:
+        options["key"] = jax.random.fold_in(loss_key, state["step"])
+      if memory is None:
+        return loss_fn(embeddings, batch["label"], **options), (embeddings, new_model_state, {})
+      loss, xbm, memory_loss = cross_batch.loss_with_memory(
+          loss_fn, embeddings, batch["label"], state["xbm"], state["step"], memory, **options)
+      return loss, (embeddings, new_model_state, {"xbm": xbm, "xbm_loss": memory_loss})
 
-    (loss, (embeddings, model_state)), grads = jax.value_and_grad(
-        compute_loss, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    trainable = trainable_params(state["params"], state["loss_params"])
+    (loss, (embeddings, model_state, with_memory)), grads = jax.value_and_grad(
+        compute_loss, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    loss_params = trainable.pop(LOSS_PARAMS, {})
+    metrics = {"loss": loss, **({"xbm_loss": with_memory["xbm_loss"]} if memory else {}),
+               "grad_norm": optax.tree.norm(grads),
                **{f"lr/{k}": s(state["step"]) for k, s in schedules.items()},
                **diagnostics.batch_diagnostics(embeddings, batch["label"], **diagnostic_kwargs)}
-    new_state = {"step": state["step"] + 1, "params": params, "model_state": model_state,
-                 "opt_state": opt_state}
+    new_state = {"step": state["step"] + 1, "params": trainable, "model_state": model_state,
+                 "opt_state": opt_state, "loss_params": loss_params}
+    if memory is not None:
+      new_state["xbm"] = with_memory["xbm"]
     return new_state, metrics
 
   return step
@@ -369,17 +486,18 @@ def make_batch_transform(config: ml_collections.ConfigDict
 
   ``config.affine`` (a random rotation, scale and shift per image,
   :func:`rankjax.augment.random_affine`) comes first, then ``config.rotate_classes``
-  (:func:`rankjax.augment.rotate_classes`); each draws from its own key derived
-  from ``config.seed``.
+  (:func:`rankjax.augment.rotate_classes`); each draws from its own stream of ``config.seed``
+  (:mod:`rankjax.seeding`).
   """
   affine = dict(config.affine)
   transforms = []
   if not device_augment.is_identity(**affine):
     transforms.append(functools.partial(device_augment.random_affine,
-                                        key=jax.random.key(config.seed + 1), **affine))
+                                        key=seeding.stream_key(config.seed, "device_augment"),
+                                        **affine))
   if config.rotate_classes:
     transforms.append(functools.partial(device_augment.rotate_classes,
-                                        key=jax.random.key(config.seed)))
+                                        key=seeding.stream_key(config.seed, "rotate_classes")))
   if not transforms:
     return None
 
@@ -422,21 +540,27 @@ def make_eval_embed_fn(eval_graphdef: nnx.GraphDef, config: ml_collections.Confi
 
 
 def embed_split(embed: Callable, variables: dict, mesh: jax.sharding.Mesh,
-                config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """Embeds every image of ``config.eval.split`` once: ``(f32[N, E], int32[N])`` on the host."""
+                config: ml_collections.ConfigDict, *, split: str | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Embeds every image of ``split`` (default ``config.eval.split``) once, on the host.
+
+  Returns ``(f32[N, E], int32[N])``. With several processes each embeds its shard; every process
+  gets all ``N`` embeddings, in the split's own order (so the metrics equal a single process's).
+  """
   from rankjax import data  # pylint: disable=g-import-not-at-top
-  embeddings, labels = [], []
+  outs = []
   for host_batch in data.eval_batches(
       config.dataset, batch_size=config.eval.batch_size, image_size=config.image_size,
-      split=config.eval.split, data_dir=config.data_dir, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+      split=split or config.eval.split, data_dir=config.data_dir,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      protocol=config.protocol):
     batch = parallel.global_batch(host_batch, mesh)
-    out = parallel.to_host({"embedding": embed(variables, batch["image"]),
-                            "label": batch["label"], "mask": batch["mask"]})
-    keep = np.asarray(out["mask"]).astype(bool)
-    embeddings.append(np.asarray(out["embedding"])[keep])
-    labels.append(np.asarray(out["label"])[keep])
-  return np.concatenate(embeddings), np.concatenate(labels)
+    outs.append(parallel.to_host({"embedding": embed(variables, batch["image"]),
+                                  "label": batch["label"], "mask": batch["mask"]}))
+  out = {k: parallel.process_order(np.concatenate([o[k] for o in outs]), config.eval.batch_size)
+         for k in outs[0]}
+  keep = out["mask"].astype(bool)
+  return out["embedding"][keep], out["label"][keep]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +635,19 @@ class _SummaryWriter:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+def read_scalars(workdir: str, tag: str) -> dict[int, float]:
+  """``{step: value}`` of the TensorBoard scalar ``tag`` (e.g. ``"train/loss"``) a run wrote."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  logdir = os.path.join(workdir, "tensorboard")
+  values = {}
+  for name in sorted(os.listdir(logdir)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
 
 
 def _log_config_changes(path: str, config: ml_collections.ConfigDict) -> None:

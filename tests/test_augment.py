@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rankjax import augment
+from rankjax import seeding
 from rankjax import configs
 from rankjax import train
 
@@ -82,6 +83,7 @@ def test_batch_transform_composes_affine_then_class_rotation():
   transform = train.make_batch_transform(config)
   batch = {"image": _images((8, 10, 10, 1)), "label": jnp.repeat(jnp.arange(2), 4)}
   out = transform(batch, 5)
-  rotated_only = augment.rotate_classes(batch, 5, key=jax.random.key(config.seed))
+  rotated_only = augment.rotate_classes(
+      batch, 5, key=seeding.stream_key(config.seed, "rotate_classes"))
   np.testing.assert_array_equal(out["label"], rotated_only["label"])
   assert not np.allclose(out["image"], rotated_only["image"])

@@ -66,7 +66,7 @@ def test_converted_dataset_reads_like_tfds_omniglot(omniglot_dir, npz):
   features = builder.info.features
   assert features["image"].shape == (105, 105, 3) and features["label"].num_classes == 1623
   assert features["alphabet"].names == sorted(str(a) for a in npz["alphabet_names"])
-  first_row = {int(l): i for i, l in reversed(list(enumerate(npz["label"])))}
+  first_row = {int(label): i for i, label in reversed(list(enumerate(npz["label"])))}
   for split in ("train", "test"):
     ds = tfds.load("omniglot", split=f"{split}[:60]", data_dir=omniglot_dir, download=False)
     for ex in tfds.as_numpy(ds):

@@ -57,13 +57,18 @@ def test_cub_splits_are_disjoint_and_complete(cub):
   info = data.get_dataset_info("cub200")
   counts = collections.Counter(r.label for split in cub.values() for r in split)
   assert sorted(counts) == list(range(200))  # The fake data has all 200 classes.
-  assert (info.train_classes, info.test_classes) == (100, 100)
-  assert info.num_train_examples == sum(v for c, v in counts.items() if c < 100)
+  # The validation split is the last 20% of the training classes.
+  assert (info.train_classes, info.val_classes, info.test_classes) == (80, 20, 100)
+  assert info.num_train_examples == sum(v for c, v in counts.items() if c < 80)
+  assert info.num_val_examples == sum(v for c, v in counts.items() if 80 <= c < 100)
   assert info.num_test_examples == sum(v for c, v in counts.items() if c >= 100)
   _, train_labels, _ = _eval_all("cub200", batch_size=256, image_size=S, split="train")
+  _, val_labels, _ = _eval_all("cub200", batch_size=256, image_size=S, split="val")
   _, test_labels, _ = _eval_all("cub200", batch_size=256, image_size=S)
-  assert set(train_labels) == set(range(100)) and set(test_labels) == set(range(100, 200))
-  assert 199 in test_labels and 99 in train_labels and 100 not in train_labels
+  assert set(train_labels) == set(range(80)) and set(val_labels) == set(range(80, 100))
+  assert set(test_labels) == set(range(100, 200))
+  whole = data.get_dataset_info("cub200", protocol=data.Protocol(val_fraction=0.0))
+  assert (whole.train_classes, whole.val_classes) == (100, 0)
 
 
 def test_eval_yields_every_test_image_once_in_order(cub):
@@ -133,25 +138,25 @@ def test_multi_host_global_batches_and_eval_shards(cub):
 
 
 def test_small_classes_sampled_with_replacement_warn_once(cub, caplog):
-  counts = collections.Counter(r.label for split in cub.values() for r in split if r.label < 100)
+  counts = collections.Counter(r.label for split in cub.values() for r in split if r.label < 80)
   small = sum(1 for c in counts.values() if c < 6)
   with caplog.at_level(logging.WARNING):
     batches = data.train_batches("cub200", classes_per_batch=P, samples_per_class=6,
                                  image_size=S, seed=0)
     data.train_batches("cub200", classes_per_batch=P, samples_per_class=6, image_size=S, seed=1)
   warnings = [r.getMessage() for r in caplog.records if "with replacement" in r.getMessage()]
-  assert warnings == [f"cub200: {small} of 100 training classes have fewer than "
+  assert warnings == [f"cub200: {small} of 80 training classes have fewer than "
                       "samples_per_class=6 images; they are sampled with replacement."]
-  _check_p_by_k(next(batches), P, 6, range(100))
+  _check_p_by_k(next(batches), P, 6, range(80))
 
 
 def test_argument_errors(cub):
   kwargs = dict(image_size=S, seed=0)
   with pytest.raises(ValueError, match="Unknown dataset name='cub'"):
     data.train_batches("cub", classes_per_batch=P, samples_per_class=K, **kwargs)
-  with pytest.raises(ValueError, match=r"classes_per_batch=101 exceeds the 100 training classes "
+  with pytest.raises(ValueError, match=r"classes_per_batch=81 exceeds the 80 training classes "
                      r"of 'cub200'.*N-pairs"):
-    data.train_batches("cub200", classes_per_batch=101, samples_per_class=2, **kwargs)
+    data.train_batches("cub200", classes_per_batch=81, samples_per_class=2, **kwargs)
   with pytest.raises(ValueError, match="samples_per_class=1: a ranking loss needs K >= 2"):
     data.train_batches("cub200", classes_per_batch=P, samples_per_class=1, **kwargs)
   with pytest.raises(ValueError, match="classes_per_batch=7 is not divisible by process_count=2"):
@@ -159,7 +164,7 @@ def test_argument_errors(cub):
                        process_count=2, **kwargs)
   with pytest.raises(ValueError, match="batch_size=9 is not divisible by process_count=2"):
     data.eval_batches("cub200", batch_size=9, image_size=S, process_index=1, process_count=2)
-  with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+  with pytest.raises(ValueError, match="split must be one of train, val, test"):
     data.eval_batches("cub200", batch_size=8, image_size=S, split="validation")
   with pytest.raises(ValueError, match="augment has unknown keys"):
     data.train_batches("cub200", classes_per_batch=P, samples_per_class=K, augment={"crop": 1},
@@ -173,7 +178,8 @@ def test_plain_tfds_mock_data_is_enough_for_one_host():
   try:
     with tfds.testing.mock_data(num_examples=400):
       info = data.get_dataset_info("cub200")
-      assert info.num_train_examples + info.num_test_examples == 800  # train + test records
+      assert (info.num_train_examples + info.num_val_examples + info.num_test_examples
+              == 800)  # train + test records
       batch = next(data.train_batches("cub200", classes_per_batch=4, samples_per_class=2,
                                       image_size=16, seed=0))
       _check_p_by_k(batch, 4, 2, range(100))
@@ -186,10 +192,12 @@ def test_plain_tfds_mock_data_is_enough_for_one_host():
 def test_cars196_label_boundary():
   with testing.mock_data("cars196", examples_per_class=(2, 3), seed=1) as records:
     info = data.get_dataset_info("cars196")
-    assert (info.train_classes, info.test_classes) == (98, 98)
-    batch = next(data.train_batches("cars196", classes_per_batch=98, samples_per_class=2,
+    assert (info.train_classes, info.val_classes, info.test_classes) == (78, 20, 98)
+    batch = next(data.train_batches("cars196", classes_per_batch=78, samples_per_class=2,
                                     image_size=16, seed=0))
-    _check_p_by_k(batch, 98, 2, range(98))  # All 98 training classes, 0-97, in one batch.
+    _check_p_by_k(batch, 78, 2, range(78))  # All 78 training classes, 0-77, in one batch.
+    _, labels, _ = _eval_all("cars196", batch_size=128, image_size=16, split="val")
+    assert set(labels) == set(range(78, 98))
     _, labels, _ = _eval_all("cars196", batch_size=128, image_size=16)
     assert set(labels) == set(range(98, 196))
     assert len(labels) == sum(1 for s in records.values() for r in s if r.label >= 98)
@@ -200,12 +208,12 @@ def test_sop_uses_its_own_splits():
                          examples_per_class=(2, 5), seed=2) as records:
     assert {r.label for r in records["train"]} == set(range(40))
     info = data.get_dataset_info("sop")
-    assert (info.train_classes, info.test_classes) == (40, 30)
-    assert info.num_train_examples == len(records["train"])
+    assert (info.train_classes, info.val_classes, info.test_classes) == (32, 8, 30)
+    assert info.num_train_examples + info.num_val_examples == len(records["train"])
     assert info.num_test_examples == len(records["test"])
     batch = next(data.train_batches("sop", classes_per_batch=10, samples_per_class=4,
                                     image_size=16, seed=0))
-    _check_p_by_k(batch, 10, 4, range(40))
+    _check_p_by_k(batch, 10, 4, range(32))
     _, labels, _ = _eval_all("sop", batch_size=32, image_size=16)
     assert labels == [r.label for r in records["test"]]
     assert min(labels) >= 11318
@@ -254,3 +262,36 @@ def test_augmentation_options_on_an_in_memory_dataset():
   assert not np.array_equal(augmented[1]["image"], augmented[2]["image"])
   disabled = next(data.train_batches("digits", augment={"enabled": False}, **kwargs))
   np.testing.assert_array_equal(disabled["image"], plain["image"])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_data_shards_make_the_global_batch_independent_of_the_process_count(augment):
+  # One process holding both data shards yields what two processes, one shard each, yield
+  # together: the same classes, images and (augmented) crops, in the same order.
+  kwargs = dict(classes_per_batch=4, samples_per_class=3, image_size=16, seed=3, augment=augment,
+                num_shards=2)
+  alone = data.train_batches("digits", process_index=0, process_count=1, **kwargs)
+  pair = [data.train_batches("digits", process_index=h, process_count=2, **kwargs)
+          for h in range(2)]
+  for _ in range(3):
+    parts = [next(it) for it in pair]
+    batch = next(alone)
+    _check_p_by_k(batch, 4, 3, range(5))
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))
+    assert set(parts[0]["label"].tolist()) <= {0, 2, 4} and set(parts[1]["label"]) <= {1, 3}
+  # The default, one shard per process, is the single-shard schedule on one process.
+  default = next(data.train_batches("digits", **{**kwargs, "num_shards": None}))
+  one = next(data.train_batches("digits", **{**kwargs, "num_shards": 1}))
+  np.testing.assert_array_equal(default["image"], one["image"])
+
+
+def test_data_shard_errors():
+  kwargs = dict(samples_per_class=2, image_size=16, seed=0)
+  with pytest.raises(ValueError, match="num_shards=3 is not a multiple of process_count=2"):
+    data.train_batches("digits", classes_per_batch=3, num_shards=3, process_index=0,
+                       process_count=2, **kwargs)
+  with pytest.raises(ValueError, match="classes_per_batch=5 is not divisible by num_shards=2"):
+    data.train_batches("digits", classes_per_batch=5, num_shards=2, **kwargs)
+  with pytest.raises(ValueError, match="num_shards must be >= 1; got 0"):
+    data.train_batches("digits", classes_per_batch=4, num_shards=0, **kwargs)

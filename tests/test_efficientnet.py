@@ -22,6 +22,7 @@ from PIL import Image
 
 from rankjax import losses, models, train
 from rankjax.models import efficientnet, efficientnet_import, keras_import, layers
+from rankjax.models import model as model_lib
 from rankjax.models import torch_state_dict
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -385,8 +386,8 @@ def test_get_model_imagenet_converts_once_and_explains_a_missing_package(monkeyp
   assert model.backbone.input_transform == efficientnet_import.lite_input_transform()
   with pytest.raises(ValueError, match="needs the ImageNet classifier"):
     model.backbone.logits(jnp.zeros((1, 32, 32, 3)))
-  with pytest.raises(ValueError, match="num_channels must be 3"):
-    models.get_model("efficientnet_lite0", pretrained=imagenet_file, num_channels=1,
+  with pytest.raises(ValueError, match="num_channels must be 3 or 1"):
+    models.get_model("efficientnet_lite0", pretrained=imagenet_file, num_channels=2,
                      rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="at least 32x32"):
     model(jnp.zeros((1, 31, 40, 3)))
@@ -398,3 +399,23 @@ def test_lite_input_transform_maps_standardised_images_to_the_lite_convention():
   got = np.asarray(_standardise(pixels)) * np.array(scale) + np.array(offset)
   np.testing.assert_allclose(got, (pixels - 127.0) / 128.0, atol=1e-6)
   assert not reverse
+
+
+def test_grayscale_images_reach_rgb_weights_as_gray_photos(imagenet_file):
+  """A 1-channel model on gray-standardised pixels = the RGB model on that gray in 3 channels."""
+  from rankjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  gray = models.get_model("efficientnet_lite0", pretrained=imagenet_file, num_channels=1,
+                          rngs=nnx.Rngs(0))
+  rgb = models.get_model("efficientnet_lite0", pretrained=imagenet_file, num_channels=3,
+                         rngs=nnx.Rngs(0))
+  pixels = np.random.default_rng(0).integers(0, 256, size=(2, 40, 40, 1)).astype(np.uint8)
+  as_gray = pipeline._normalize_np(pixels, 1)
+  as_rgb = pipeline._normalize_np(np.repeat(pixels, 3, axis=-1), 3)
+  gray.eval()
+  rgb.eval()
+  np.testing.assert_allclose(np.asarray(gray(jnp.asarray(as_gray))),
+                             np.asarray(rgb(jnp.asarray(as_rgb))), rtol=2e-4, atol=2e-5)
+  # The map itself, on pixel values: (p - 127) / 128 in every channel.
+  scale, offset, _ = model_lib.gray_input_transform(efficientnet_import.lite_input_transform())
+  got = as_gray[..., 0:1] * np.array(scale) + np.array(offset)
+  np.testing.assert_allclose(got, np.repeat((pixels - 127.0) / 128.0, 3, axis=-1), atol=1e-5)

@@ -160,7 +160,8 @@ def _csv(path):
 def test_compare_losses_end_to_end_and_resume(tmp_path, cache):
   out = str(tmp_path / "digits")
   args = ["--losses=triplet_semihard,npairs", "--seeds=0,1", "--config_flags=runlocal",
-          f"--output_dir={out}", "--eval_every=2"]
+          f"--output_dir={out}", "--eval_every=2", "--set=protocol.val_fraction=0.4",
+          "--set=classes_per_batch=3"]
   stdout = _run("compare_losses.py", *args, cache=cache)
   assert stdout.count("trained in") == 4, stdout
   for name in ("results.md", "results.csv", "runs.csv", "recall_at_k.png",
@@ -181,12 +182,15 @@ def test_compare_losses_end_to_end_and_resume(tmp_path, cache):
   assert "compare_losses.py --losses=triplet_semihard,npairs" in md  # The command.
   best = max(rows.values(), key=lambda r: float(r["recall@1_mean"]))
   assert f"**{float(best['recall@1_mean']):.3f} ± {float(best['recall@1_std']):.3f}**" in md
-  # Training curves come from the TensorBoard scalars: R@1 at steps 2 and 4 (runlocal: 4 steps).
-  steps, values = sweep.read_scalars(os.path.join(out, "runs", "npairs", "seed0"))[
-      "eval/recall@1"]
+  # Training curves come from the TensorBoard scalars: validation R@1 at steps 2 and 4 (runlocal:
+  # 4 steps); the test split once, at the end, as metrics.json reports it.
+  scalars = sweep.read_scalars(os.path.join(out, "runs", "npairs", "seed0"))
+  steps, values = scalars["val/recall@1"]
   assert steps.tolist() == [2, 4]
-  assert values[-1] == pytest.approx(
-      json.load(open(os.path.join(out, "runs", "npairs", "seed0", "metrics.json")))["recall@1"])
+  report = json.load(open(os.path.join(out, "runs", "npairs", "seed0", "metrics.json")))
+  assert report["val/recall@1"] == pytest.approx(values.max())
+  steps, values = scalars["test/recall@1"]
+  assert steps.tolist() == [4] and values[0] == pytest.approx(report["recall@1"])
 
   # Second invocation: nothing is trained again, the results are rewritten from the same runs.
   metrics_files = sorted(glob.glob(os.path.join(out, "runs", "*", "*", "metrics.json")))
@@ -266,8 +270,9 @@ def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
 def test_every_loss_has_a_label_and_the_sweeps_default_to_the_survey_losses():
   from rankjax import configs  # pylint: disable=g-import-not-at-top
   assert set(sweep.LOSS_LABELS) == set(configs.LOSS_NAMES)
-  assert set(sweep.SURVEY_LOSSES) == set(configs.LOSS_NAMES) - set(configs.PROXY_LOSSES)
-  assert len(sweep.SURVEY_LOSSES) == 9
+  later = set(sweep.POST_SURVEY_LOSSES)
+  assert set(sweep.SURVEY_LOSSES) == set(configs.LOSS_NAMES) - set(configs.PROXY_LOSSES) - later
+  assert len(sweep.SURVEY_LOSSES) == 9 and not later & set(sweep.SURVEY_LOSSES)
 
 
 @pytest.mark.parametrize("study", list(omniglot_probes.STUDIES))
@@ -288,10 +293,9 @@ def test_omniglot_probe_candidates_build_valid_models(study):
     model = train.build_model(config, info)
     models.check_image_size(config.model.name, config.image_size)
     assert model.backbone.num_features in (64, 128, 256, 512)
-    proxies = configs.num_proxies(config, 964)
-    assert proxies == (0 if config.loss.name not in configs.PROXY_LOSSES
-                       else 964 * (4 if config.rotate_classes else 1))
-    assert getattr(model, "proxies", jnp.zeros((0, 1))).shape[0] == proxies
+    proxies = train.init_loss_params(config, info).get("proxies", jnp.zeros((0, 1)))
+    assert proxies.shape[0] == (0 if config.loss.name not in configs.PROXY_LOSSES
+                                else 964 * (4 if config.rotate_classes else 1))
   with pytest.raises(Exception, match="Unknown candidate 'vgg'"):
     omniglot_probes.candidate_config(study, "vgg", steps=7, data_dir=None)
 

@@ -104,3 +104,32 @@ def test_one_step_on_8_devices_equals_one_step_on_1_device(loss_name):
   per_device = np.mean([loss_fn(embeddings[2 * i:2 * i + 2], labels[2 * i:2 * i + 2])
                         for i in range(8)])
   assert abs(per_device - float(expected)) > 1e-3
+
+
+def test_process_order_regroups_global_batches_by_process():
+  # 3 processes, global batches of 6 (2 rows each); process p walks its own items 10p, 10p + 1...
+  shards = [np.arange(4) + 10 * p for p in range(3)]
+  rows = np.concatenate([np.concatenate([s[2 * b:2 * b + 2] for s in shards]) for b in range(2)])
+  np.testing.assert_array_equal(parallel.process_order(rows, 6, num_processes=3),
+                                np.concatenate(shards))
+  features = np.stack([rows, -rows], axis=1)  # Trailing axes travel with their rows.
+  np.testing.assert_array_equal(parallel.process_order(features, 6, num_processes=3)[:, 1],
+                                -np.concatenate(shards))
+  np.testing.assert_array_equal(parallel.process_order(rows, 6), rows)  # One process here.
+  with pytest.raises(ValueError, match="not whole global batches of 4 split over 3 processes"):
+    parallel.process_order(rows, 4, num_processes=3)
+
+
+def test_mesh_orders_devices_process_by_process():
+  mesh = parallel.make_mesh()
+  keys = [(d.process_index, d.id) for d in mesh.devices.flat]
+  assert keys == sorted(keys)
+
+
+def test_same_config_check_is_free_on_one_process_and_distributed_arguments_are_checked():
+  parallel.check_same_config(configs.base_config(), "/tmp/anywhere")  # Nothing to compare with.
+  with pytest.raises(ValueError, match=r"process_id=2 is not in \[0, num_processes=2\)"):
+    parallel.initialize_distributed(coordinator_address="127.0.0.1:1", num_processes=2,
+                                    process_id=2)
+  with pytest.raises(ValueError, match="heartbeat_timeout must be at least 1 second"):
+    parallel.initialize_distributed(heartbeat_timeout=0)

@@ -18,6 +18,7 @@ from rankjax import checkpoint
 from rankjax import augment
 from rankjax import configs
 from rankjax import diagnostics
+from rankjax import loss_params
 from rankjax import losses
 from rankjax import train
 
@@ -131,57 +132,97 @@ def test_gradient_clipping_by_global_norm():
 
 
 def test_param_groups_by_path():
-  groups = train.param_groups({**_params(), "proxies": jnp.ones((5, 2))})
+  groups = train.param_groups(train.trainable_params(_params(), {"proxies": jnp.ones((5, 2)),
+                                                                 "beta": jnp.ones(())}))
   assert groups["head"]["projection"]["kernel"] == "head"
   assert groups["backbone"]["conv"]["kernel"] == "backbone"
-  assert groups["proxies"] == "proxies"
+  assert groups["loss"] == {"proxies": "proxies", "beta": "beta"}
 
 
-def test_proxies_get_their_own_learning_rate():
-  params = {**_params(), "proxies": jnp.ones((5, 2))}
+def test_loss_parameters_get_their_own_learning_rates():
+  params = train.trainable_params(_params(), {"proxies": jnp.ones((5, 2)), "beta": jnp.ones(3)})
   grads = jax.tree.map(jnp.ones_like, params)
+  config = configs.with_loss(configs.base_config(), "proxy_anchor")
   for proxy_lr, expected in [(None, 0.1 * configs.PROXY_LEARNING_RATE_MULTIPLIER), (0.5, 0.5)]:
-    cfg = _optimizer_config(name="sgd", momentum=0.0, learning_rate=0.1,
-                            proxy_learning_rate=proxy_lr)
-    tx, schedules = train.make_optimizer(cfg, params, 10)
+    config.optimizer = _optimizer_config(name="sgd", momentum=0.0, learning_rate=0.1,
+                                         proxy_learning_rate=proxy_lr)
+    rates = {**loss_params.learning_rates("proxy_anchor", config), "beta": 0.01}
+    tx, schedules = train.make_optimizer(config.optimizer, params, 10, loss_learning_rates=rates)
     updates, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_allclose(updates["proxies"], -expected, rtol=1e-6)
+    np.testing.assert_allclose(updates["loss"]["proxies"], -expected, rtol=1e-6)
+    np.testing.assert_allclose(updates["loss"]["beta"], -0.01, rtol=1e-6)
     np.testing.assert_allclose(updates["backbone"]["conv"]["kernel"], -0.1, rtol=1e-6)
     np.testing.assert_allclose(updates["head"]["projection"]["bias"], -0.1, rtol=1e-6)
     assert float(schedules["proxies"](0)) == pytest.approx(expected)
-  assert "proxies" not in train.make_optimizer(cfg, _params(), 10)[1]
+    assert float(schedules["beta"](0)) == pytest.approx(0.01)
+  no_loss_params = train.trainable_params(_params(), {})
+  assert set(train.make_optimizer(config.optimizer, no_loss_params, 10)[1]) == {"backbone", "head"}
+  with pytest.raises(ValueError, match=r"parameters \['beta'\] have no learning rate"):
+    train.make_optimizer(config.optimizer, params, 10, loss_learning_rates={"proxies": 1.0})
 
 
-def test_proxy_count_follows_the_loss_and_the_class_rotation():
+def test_training_labels_follow_the_class_rotation():
   c = configs.base_config()
-  assert configs.num_proxies(c, 964) == 0
-  configs.with_loss(c, "proxy_anchor")
-  assert configs.num_proxies(c, 964) == 964
+  assert configs.num_train_labels(c, 964) == 964
   c.rotate_classes = True
-  assert configs.num_proxies(c, 964) == 4 * 964
+  assert configs.num_train_labels(c, 964) == 4 * 964
 
 
-def test_proxy_anchor_train_step_moves_the_proxies_of_the_batch_and_the_rest():
+def _proxy_anchor_setup(train_classes=6):
   c = configs.base_config()
   configs.with_loss(c, "proxy_anchor")
   c.model.backbone_options.width = 4
   c.model.embedding_dim = 8
-  info = type("Info", (), {"num_channels": 1, "train_classes": 6})
-  model = train.build_model(c, info)
-  graphdef, _, params, model_state = train.split_model(model)
-  assert params["proxies"].shape == (6, 8)
-  tx, schedules = train.make_optimizer(c.optimizer, params, 10)
+  info = type("Info", (), {"num_channels": 1, "train_classes": train_classes})
+  graphdef, _, params, model_state = train.split_model(train.build_model(c, info))
+  proxies = train.init_loss_params(c, info)
+  tx, schedules = train.make_optimizer(
+      c.optimizer, train.trainable_params(params, proxies), 10,
+      loss_learning_rates=loss_params.learning_rates(c.loss.name, c))
   step = jax.jit(train.make_train_step(
       graphdef, losses.get_loss("proxy_anchor", **configs.loss_kwargs(c)), tx, schedules,
       train.diagnostics_kwargs(c)))
-  state = train.init_state(params, model_state, tx)
+  return c, step, train.init_state(params, model_state, tx, loss_params=proxies)
+
+
+def test_proxy_anchor_train_step_moves_the_proxies_of_the_batch_and_the_rest():
+  c, step, state = _proxy_anchor_setup()
+  assert "proxies" not in state["params"]  # the model holds nothing of the loss
+  proxies = np.asarray(state["loss_params"]["proxies"])
+  assert proxies.shape == (6, 8)
+  assert 0.5 < proxies.std() < 1.5  # a standard normal draw
   batch = {"image": jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
            "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
   new_state, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
   assert float(metrics["lr/proxies"]) == pytest.approx(100 * c.optimizer.learning_rate)
-  moved = np.abs(np.asarray(new_state["params"]["proxies"] - params["proxies"])).max(axis=1)
+  moved = np.abs(np.asarray(new_state["loss_params"]["proxies"]) - proxies).max(axis=1)
   assert np.all(moved > 0)  # classes 4 and 5 are not in the batch but are pushed away
+  # Adam's first step moves every entry with a gradient by the learning rate.
+  np.testing.assert_allclose(moved, 100 * c.optimizer.learning_rate, rtol=1e-3)
+
+
+def test_loss_parameters_survive_a_checkpoint_round_trip(tmp_path):
+  _, step, state = _proxy_anchor_setup()
+  batch = {"image": jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
+           "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
+  state, _ = step(state, batch)
+  ckpts = checkpoint.Checkpoints(str(tmp_path))
+  ckpts.save(1, train.model_variables(state), train.training_variables(state))
+  ckpts.wait()
+  fresh = _proxy_anchor_setup()[2]
+  variables, training, _ = ckpts.restore_latest(train.model_variables(fresh),
+                                                train.training_variables(fresh))
+  ckpts.close()
+  assert set(training) == {"opt_state", "loss_params"}
+  np.testing.assert_array_equal(training["loss_params"]["proxies"],
+                                state["loss_params"]["proxies"])
+  assert not np.array_equal(training["loss_params"]["proxies"], fresh["loss_params"]["proxies"])
+  for a, b in zip(jax.tree.leaves(training["opt_state"]), jax.tree.leaves(state["opt_state"])):
+    np.testing.assert_array_equal(a, b)
+  # The embedder's part of the checkpoint holds no proxies.
+  model_only, _ = checkpoint.restore_model(str(tmp_path), train.model_variables(fresh))
+  assert "proxies" not in model_only["params"]
 
 
 # --- Diagnostics. ---
@@ -404,7 +445,9 @@ def _main_command(workdir, steps):
           f"--config={CONFIG_DIR}/digits.py:triplet_semihard,runlocal",
           f"--workdir={workdir}", f"--config.train.steps={steps}",
           "--config.train.checkpoint_every=3", "--config.train.log_every=3",
-          "--config.eval.every=6"]
+          # Digits 3-4 validate (the best checkpoint is chosen by them), 0-2 train.
+          "--config.eval.every=6", "--config.protocol.val_fraction=0.4",
+          "--config.classes_per_batch=3"]
 
 
 def test_resume_after_sigkill_gives_the_same_metrics(tmp_path):
@@ -436,3 +479,61 @@ def test_resume_after_sigkill_gives_the_same_metrics(tmp_path):
   got = json.loads((killed / train.METRICS_FILE).read_text())
   assert got == want
   assert {"recall@1", "recall@8", "map@r", "r_precision", "nmi"} <= set(got)
+  assert got["checkpoint"] == "best" and got["selected_by"] == "val/recall@1"
+  assert got["checkpoint_step"] in (6, 12)
+
+
+# --- The validation split chooses the checkpoint; the test split is evaluated once. ---
+
+
+def test_best_checkpoint_is_chosen_by_the_validation_split(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = _load_config_module("digits").get_config("triplet_semihard,runlocal")
+  config.train.steps, config.eval.every, config.train.checkpoint_every = 6, 2, 2
+  config.protocol.val_fraction = 0.4  # Digits 3-4 validate, 0-2 train, 5-9 test.
+  config.classes_per_batch = 3
+  config.eval.best_metric = "map@r"
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  report = json.loads((tmp_path / train.METRICS_FILE).read_text())
+  val = {}
+  for path in (tmp_path / "tensorboard").glob("events*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.tag == "val/map@r":
+          val[event.step] = float(tf.make_ndarray(v.tensor))
+  assert sorted(val) == [2, 4, 6]
+  best = max(val.values())
+  assert report["checkpoint"] == "best" and report["selected_by"] == "val/map@r"
+  assert report["val/map@r"] == pytest.approx(best, abs=1e-6)
+  assert val[report["checkpoint_step"]] == pytest.approx(best, abs=1e-6)
+  # The reported test metrics are the best checkpoint's (not the last state's).
+  variables, progress = checkpoint.restore_model(str(tmp_path), _abstract_variables(config),
+                                                 which="best")
+  assert progress["step"] == report["checkpoint_step"]
+  from rankjax import data  # pylint: disable=g-import-not-at-top
+  info = data.get_dataset_info("digits", protocol=config.protocol)
+  assert (info.train_classes, info.val_classes, info.test_classes) == (3, 2, 5)
+  _, eval_graphdef, _, _ = train.split_model(train.build_model(config, info))
+  embed = train.make_eval_embed_fn(eval_graphdef, config)
+  images, labels = [], []
+  for batch in data.eval_batches("digits", batch_size=128, image_size=16, split="test"):
+    images.append(np.asarray(embed(variables, batch["image"]))[batch["mask"]])
+    labels.append(batch["label"][batch["mask"]])
+  from rankjax import evaluation  # pylint: disable=g-import-not-at-top
+  again = evaluation.retrieval_metrics(np.concatenate(images), np.concatenate(labels), ks=(1,))
+  assert again["map@r"] == pytest.approx(metrics["map@r"], abs=1e-4)
+  assert set(np.concatenate(labels).tolist()) == {5, 6, 7, 8, 9}
+
+
+def _abstract_variables(config):
+  from rankjax import data  # pylint: disable=g-import-not-at-top
+  info = data.get_dataset_info(config.dataset, protocol=config.protocol)
+  _, _, params, model_state = train.split_model(train.build_model(config, info))
+  return {"params": params, "model_state": model_state}
+
+
+def test_periodic_evaluation_without_a_validation_split_is_an_error(tmp_path):
+  config = _load_config_module("digits").get_config("triplet_semihard,runlocal")
+  config.eval.every = 2
+  with pytest.raises(ValueError, match="has none under this protocol"):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -9,9 +9,10 @@ Recipe: Roth, Milbich et al. 2020, "Revisiting Training Strategies and Generaliz
 in Deep Metric Learning" (ICML): ImageNet ResNet-50 (Keras' weights) with frozen BatchNorm, a
 128-d head, Adam lr 1e-5 with weight decay 4e-4, batch 112 (here 56 classes x 2 images), random
 resized crop to 224 px and horizontal flip,
-150 epochs (59,551 x 150 / 112 = 79,756 steps). Evaluation every 10,000 steps on the test
-classes, Recall@1/10/100/1000 as the field reports SOP; the ``best/`` checkpoint keeps the best
-Recall@1 (the field reports that; Musgrave et al. 2020 argue for a validation split instead). The
+150 epochs (59,551 x 150 / 112 = 79,756 steps). Every 10,000 steps the validation split
+(the last 20% of the training classes) is evaluated and ``best/`` keeps the best Recall@1; the test
+classes are evaluated once, at the end, on that checkpoint, with Recall@1/10/100/1000 as the field
+reports SOP (Musgrave et al. 2020's protocol; the papers chose on the test classes). The
 loss's hyper-parameters, and whether the head L2-normalises, are its paper's (rankjax/configs.py).
 bfloat16 compute on the accelerator.
 

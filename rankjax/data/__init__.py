@@ -1,7 +1,8 @@
 """Input pipelines: TFDS datasets, class-disjoint splits, class-balanced P x K batches.
 
 * :mod:`rankjax.data.datasets` -- the dataset registry and its zero-shot splits
-  (:data:`DATASET_NAMES`, :func:`get_dataset_info`).
+  (:func:`dataset_names`, :func:`register_dataset`, :class:`Protocol`, :func:`get_dataset_info`).
+* :mod:`rankjax.data.image_folder` -- a folder of class subfolders as a dataset (``folder:PATH``).
 * :mod:`rankjax.data.sampling` -- the deterministic, resumable P x K index sampler.
 * :mod:`rankjax.data.preprocessing` -- random resized crop / flip, resize + centre crop, normalise.
 * :mod:`rankjax.data.pipeline` -- :func:`train_batches`, :func:`eval_batches`,
@@ -22,9 +23,14 @@ except RuntimeError:  # TensorFlow was initialised before rankjax.data was impor
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from rankjax.data.datasets import clear_cache
 from rankjax.data.datasets import DATASET_NAMES
+from rankjax.data.datasets import dataset_names
 from rankjax.data.datasets import DatasetInfo
 from rankjax.data.datasets import DatasetNotPreparedError
+from rankjax.data.datasets import DatasetSpec
 from rankjax.data.datasets import get_dataset_info
+from rankjax.data.datasets import Protocol
+from rankjax.data.datasets import register_dataset
+from rankjax.data.datasets import SPLITS
 from rankjax.data.pipeline import Augment
 from rankjax.data.pipeline import epoch_steps
 from rankjax.data.pipeline import eval_batches
@@ -40,11 +46,16 @@ __all__ = [
     "DATASET_NAMES",
     "DatasetInfo",
     "DatasetNotPreparedError",
+    "DatasetSpec",
+    "Protocol",
+    "SPLITS",
     "PADDING_LABEL",
     "clear_cache",
+    "dataset_names",
     "epoch_steps",
     "eval_batches",
     "get_dataset_info",
     "preprocess_for_eval",
+    "register_dataset",
     "train_batches",
 ]

@@ -11,11 +11,15 @@ augmentation randomness from stateless ops keyed by ``(seed, step, slot)``, so r
 * CUB, Cars and SOP hold their encoded JPEGs and decode only the random crop window in parallel
   tf.data workers (``tf.image.decode_and_crop_jpeg``), then resize, flip and normalise.
 
-**Multi-host.** Host ``h`` of ``n`` owns every ``n``-th training class (sorted), reads and decodes
-only those images, and draws ``P / n`` classes a step: the concatenation of the hosts' batches
-is a global batch of ``P`` distinct classes x ``K``. Evaluation gives host ``h`` the ``h``-th
-contiguous shard of the test images (``tfds.even_splits`` style); every host yields the same
-number of batches, padded with ``mask = False``.
+**Multi-host.** The training classes are dealt into ``S`` *data shards* (``num_shards``, by
+default one per host): shard ``s`` owns every ``S``-th training class (sorted) and draws
+``P / S`` of them a step with its own sampler. Host ``h`` of ``n`` holds the ``S / n``
+consecutive shards ``h * S / n ...``, reads and decodes only their images, and yields their
+batches concatenated: the hosts' batches, concatenated in host order, are the global batch of
+``P`` distinct classes x ``K``, and for a fixed ``S`` it is the same global batch whatever the
+number of hosts (one host with ``S = 2`` yields what two hosts yield together). Evaluation gives
+host ``h`` the ``h``-th contiguous shard of the test images (``tfds.even_splits`` style); every
+host yields the same number of batches, padded with ``mask = False``.
 
 Example::
 
@@ -168,11 +172,12 @@ def _dataset_options(threads: int | None) -> tf.data.Options:
 def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, image_size: int,
                   seed: int, data_dir=None, augment=None, start_step: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
-                  threads: int | None = None) -> Iterator[dict]:
+                  num_shards: int | None = None, threads: int | None = None,
+                  protocol=None) -> Iterator[dict]:
   """Infinite iterator of class-balanced training batches (this host's part of the global one).
 
   Args:
-    name: one of :data:`~rankjax.data.DATASET_NAMES`.
+    name: a dataset name (:func:`rankjax.data.dataset_names`, or ``"folder:PATH"``).
     classes_per_batch: ``P`` distinct classes in the global batch (at most the number of
       training classes; divisible by ``process_count``).
     samples_per_class: ``K`` >= 2 samples of each class (N-pairs: ``K = 2``). A class with fewer
@@ -184,7 +189,12 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
       omniglot / digits), a bool, an :class:`Augment`, or a mapping of its fields.
     start_step: the step of the first batch (resume from a checkpoint).
     process_index, process_count: this host and the number of hosts (default: JAX's).
+    num_shards: the number of data shards the training classes are dealt into (a multiple of
+      ``process_count`` that divides ``P``; default: ``process_count``). The global batches
+      depend on it, not on ``process_count``.
     threads: size of tf.data's private thread pool (default: all cores).
+    protocol: how the classes are split (:class:`~rankjax.data.datasets.Protocol`; ``None``:
+      the dataset's defaults); batches come from the ``"train"`` split.
 
   Yields:
     ``{"image": float32[P*K/n, S, S, C] normalised, "label": int32[P*K/n]}``, grouped by class
@@ -192,18 +202,25 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
 
   Raises:
     ValueError: an unknown ``name``, ``P`` above the number of training classes, ``K < 2``,
-      ``P`` not divisible by ``process_count``, other bad arguments.
+      ``P`` not divisible by ``num_shards`` or ``num_shards`` by ``process_count``, other bad
+      arguments.
     DatasetNotPreparedError: the TFDS dataset is not in ``data_dir``.
   """
-  spec = datasets.get_spec(name)
   size = _check_int("image_size", image_size, 1)
   start_step = _check_int("start_step", start_step, 0)
   seed = _check_int("seed", seed, -(1 << 63))
-  aug = _resolve_augment(augment, spec)
+  aug = _resolve_augment(augment, datasets.get_spec(name))
   source, positions, labels, sampler, (h, n) = _train_plan(
-      name, classes_per_batch, samples_per_class, seed, data_dir, process_index, process_count)
+      name, classes_per_batch, samples_per_class, seed, data_dir, process_index, process_count,
+      num_shards, protocol)
+  spec = source.spec
   local_batch = sampler.batch_size
   slice_reads = n > 1
+  shards = sampler.shard_range
+  logging.info("Training input of process %d of %d: data shard%s %s of %d, %d images of %d "
+               "classes (%s).", h, n, "s" if len(shards) > 1 else "",
+               f"{shards[0]}-{shards[-1]}" if len(shards) > 1 else shards[0], sampler.num_shards,
+               positions.size, sampler.classes.size, _summary(sampler.classes))
 
   if aug is None and spec.in_memory:
     images = datasets.cached_array(source, "decoded", positions, size, slice_reads=slice_reads)
@@ -215,12 +232,17 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
   else:
     payload = datasets.cached_array(source, "encoded", positions, slice_reads=slice_reads)
     payload_spec = tf.TensorSpec([local_batch], tf.string)
-  seed_word = _tf_seed_word(seed, n, h)
+  # Augmentation keys depend on the example's slot in the global batch, not on the host: the same
+  # global batch gets the same crops however many hosts share it.
+  seed_word = _tf_seed_word(seed, sampler.num_shards, 0)
+  first_slot = sampler.shard_range[0] * (local_batch // len(sampler.shard_range))
+  global_batch = sampler.num_shards * (local_batch // len(sampler.shard_range))
 
   def steps():
     for step in itertools.count(start_step):
       idx = sampler.batch_indices(step)
-      yield payload[idx], labels[idx], step * local_batch + np.arange(local_batch, dtype=np.int64)
+      yield payload[idx], labels[idx], (step * global_batch + first_slot +
+                                        np.arange(local_batch, dtype=np.int64))
 
   def prepare(item, label, example_id):
     channels = spec.num_channels
@@ -246,7 +268,7 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
 
 
 def _train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, process_index,
-                process_count):
+                process_count, num_shards=None, protocol=None):
   """Checks the batch arguments; returns this host's positions, labels and sampler."""
   p = _check_int("classes_per_batch", classes_per_batch, 1)
   if isinstance(samples_per_class, (int, np.integer)) and not isinstance(samples_per_class, bool):
@@ -256,11 +278,16 @@ def _train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, proc
           "class in a batch, or no anchor has a positive (N-pairs uses K = 2).")
   k = _check_int("samples_per_class", samples_per_class, 2)
   h, n = sampling.check_process(process_index, process_count)
-  if p % n:
+  s = n if num_shards is None else _check_int("num_shards", num_shards, 1)
+  if s % n:
+    raise ValueError(f"num_shards={s} is not a multiple of process_count={n}: each process holds "
+                     "the same number of data shards.")
+  if p % s:
+    what = "process_count" if num_shards is None else "num_shards"
     raise ValueError(
-        f"classes_per_batch={p} is not divisible by process_count={n}: each host draws P / "
-        "process_count classes of its own.")
-  source = datasets.get_source(name, data_dir)
+        f"classes_per_batch={p} is not divisible by {what}={s}: each data shard (by default one "
+        "per host) draws P / num_shards classes of its own.")
+  source = datasets.get_source(name, data_dir, protocol)
   train = source.positions("train")
   classes = np.unique(source.labels[train])
   if p > classes.size:
@@ -268,28 +295,64 @@ def _train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, proc
         f"classes_per_batch={p} exceeds the {classes.size} training classes of {name!r}: a P x K "
         "batch needs P distinct classes, so the batch is bounded by the class count (for N-pairs, "
         f"K = 2, at most {2 * classes.size} images).")
-  mine = sampling.partition_classes(classes, h, n)
-  positions = train[np.isin(source.labels[train], mine)]
+  shards = range(h * s // n, (h + 1) * s // n)
+  # Shards own floor(C / S) >= P / S classes or one more, so each can draw its P / S.
+  owned = [sampling.partition_classes(classes, i, s) for i in shards]
+  positions = train[np.isin(source.labels[train], np.concatenate(owned))]
   labels = source.labels[positions].astype(np.int32)
-  sampler = sampling.ClassBalancedSampler(labels, classes_per_batch=p // n, samples_per_class=k,
-                                          seed=(seed, n, h))
-  if sampler.num_classes_smaller_than_k and (name, k, n, h) not in _WARNED:
-    _WARNED.add((name, k, n, h))
+  sampler = _ShardSamplers(labels, owned, shards, s, classes_per_batch=p // s,
+                           samples_per_class=k, seed=seed)
+  if sampler.num_classes_smaller_than_k and (name, k, s, h) not in _WARNED:
+    _WARNED.add((name, k, s, h))
     logging.warning(
         "%s: %d of %d training classes have fewer than samples_per_class=%d images; they are "
-        "sampled with replacement.", name, sampler.num_classes_smaller_than_k, mine.size, k)
+        "sampled with replacement.", name, sampler.num_classes_smaller_than_k,
+        sampler.classes.size, k)
   return source, positions, labels, sampler, (h, n)
 
 
+class _ShardSamplers:
+  """The samplers of one host's data shards, drawn as one batch (the shards' batches in order).
+
+  Shard ``i`` of ``S`` samples its own classes with a
+  :class:`~rankjax.data.sampling.ClassBalancedSampler` seeded ``(seed, S, i)``; indices are into
+  ``labels``, the host's examples of all its shards.
+  """
+
+  def __init__(self, labels, owned, shards, num_shards, *, classes_per_batch, samples_per_class,
+               seed):
+    self.num_shards = num_shards
+    self.shard_range = shards
+    self.classes = np.sort(np.concatenate(owned))
+    self._members = [np.flatnonzero(np.isin(labels, c)) for c in owned]
+    self._samplers = [sampling.ClassBalancedSampler(
+        labels[m], classes_per_batch=classes_per_batch, samples_per_class=samples_per_class,
+        seed=(seed, num_shards, i)) for m, i in zip(self._members, shards)]
+    self.batch_size = sum(x.batch_size for x in self._samplers)
+    self.steps_per_epoch = max(x.steps_per_epoch for x in self._samplers)
+    self.num_classes_smaller_than_k = sum(x.num_classes_smaller_than_k for x in self._samplers)
+
+  def batch_indices(self, step: int) -> np.ndarray:
+    return np.concatenate([m[x.batch_indices(step)]
+                           for m, x in zip(self._members, self._samplers)])
+
+
+def _summary(values: np.ndarray, limit: int = 12) -> str:
+  """``"0, 2, 4"``, or the first ``limit`` values and a count."""
+  shown = ", ".join(str(v) for v in values[:limit].tolist())
+  return shown if values.size <= limit else f"{shown}, ... ({values.size - limit} more)"
+
+
 def epoch_steps(name: str, *, classes_per_batch: int, samples_per_class: int, data_dir=None,
-                process_index: int | None = None, process_count: int | None = None) -> int:
+                process_index: int | None = None, process_count: int | None = None,
+                num_shards: int | None = None, protocol=None) -> int:
   """Steps of :func:`train_batches` after which every training image has been drawn.
 
-  ``ceil(C / P) * max_c ceil(n_c / K)`` over this host's classes (see
-  :class:`~rankjax.data.sampling.ClassBalancedSampler`); the same for every seed.
+  ``ceil(C / P) * max_c ceil(n_c / K)`` over the classes of each of this host's data shards
+  (see :class:`~rankjax.data.sampling.ClassBalancedSampler`); the same for every seed.
   """
   sampler = _train_plan(name, classes_per_batch, samples_per_class, 0, data_dir, process_index,
-                        process_count)[3]
+                        process_count, num_shards, protocol)[3]
   return sampler.steps_per_epoch
 
 
@@ -301,17 +364,20 @@ def _numpy_batches(sampler, images, labels, num_channels, start_step):
 
 def eval_batches(name: str, *, batch_size: int, image_size: int, split: str = "test",
                  data_dir=None, process_index: int | None = None,
-                 process_count: int | None = None, threads: int | None = None) -> Iterator[dict]:
+                 process_count: int | None = None, threads: int | None = None,
+                 protocol=None) -> Iterator[dict]:
   """One pass over the images of a class-disjoint split, each exactly once, in order.
 
   Args:
-    name: one of :data:`~rankjax.data.DATASET_NAMES`.
+    name: a dataset name (:func:`rankjax.data.dataset_names`, or ``"folder:PATH"``).
     batch_size: the global batch size (divisible by ``process_count``).
     image_size: side ``S`` of the square images (evaluation preprocessing: resize, centre crop).
-    split: ``"test"`` (the unseen classes) or ``"train"`` (the training classes).
+    split: ``"test"`` (the unseen classes), ``"val"`` (the validation classes, carved from the
+      training classes) or ``"train"`` (the classes that train).
     data_dir: the TFDS data directory (``None``: TFDS's default).
     process_index, process_count: this host and the number of hosts (default: JAX's).
     threads: size of tf.data's private thread pool (default: all cores).
+    protocol: how the classes are split (see :func:`train_batches`).
 
   Yields:
     ``{"image": float32[B/n, S, S, C], "label": int32[B/n], "mask": bool[B/n]}``: host ``h``
@@ -319,14 +385,14 @@ def eval_batches(name: str, *, batch_size: int, image_size: int, split: str = "t
     (``mask`` False, ``label`` -1, image 0) so every host yields the same number of batches and
     no image is dropped or repeated.
   """
-  spec = datasets.get_spec(name)
   batch_size = _check_int("batch_size", batch_size, 1)
   size = _check_int("image_size", image_size, 1)
   h, n = sampling.check_process(process_index, process_count)
   if batch_size % n:
     raise ValueError(f"batch_size={batch_size} is not divisible by process_count={n}.")
   local_batch = batch_size // n
-  source = datasets.get_source(name, data_dir)
+  source = datasets.get_source(name, data_dir, protocol)
+  spec = source.spec
   positions = source.positions(split)
   if not positions.size:
     raise ValueError(f"The {split!r} split of {name!r} has no images.")
@@ -355,11 +421,11 @@ def _stream_eval(source, positions, size, local_batch, slice_reads, threads):
         crop_fraction=spec.crop_fraction, method=spec.resize_method)
 
   ds = source.stream_encoded(positions, slice_reads=slice_reads).map(
-      lambda e, l: (prepare(e, l), l), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      lambda e, y: (prepare(e, y), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch).prefetch(2).with_options(_dataset_options(threads))
   offset = 0
   for images, labels in ds.as_numpy_iterator():
-    expected = source.labels[positions[offset:offset + labels.size]]
+    expected = source.raw_labels[positions[offset:offset + labels.size]]
     if labels.size != expected.size or np.any(labels != expected):
       raise RuntimeError(
           f"The evaluation read of {spec.name!r} returned records that differ from the label "
@@ -392,7 +458,8 @@ def _padded(chunks, labels, local_batch, num_batches, size, channels, name):
            "mask": np.zeros([local_batch], bool)}
 
 
-def preprocess_for_eval(images, *, name: str, image_size: int) -> np.ndarray:
+def preprocess_for_eval(images, *, name: str, image_size: int,
+                        num_channels: int | None = None) -> np.ndarray:
   """The evaluation preprocessing of ``name`` applied to decoded images (for exported embedders).
 
   Args:
@@ -401,11 +468,18 @@ def preprocess_for_eval(images, *, name: str, image_size: int) -> np.ndarray:
       Digits are the 8 x 8 x 1 uint8 images ``round(v * 255 / 16)`` of ``load_digits``.
     name: the dataset whose preprocessing to apply.
     image_size: the side ``S`` the model was trained at.
+    num_channels: the dataset's channels (``DatasetInfo.num_channels``); needed for folder
+      datasets, whose channels come from their images.
 
   Returns:
     float32 [B, S, S, C]: exactly what :func:`eval_batches` feeds the model.
   """
   spec = datasets.get_spec(name)
+  if num_channels is not None:
+    spec = dataclasses.replace(spec, num_channels=_check_int("num_channels", num_channels, 1))
+  if spec.num_channels is None:
+    raise ValueError(f"Dataset {name!r} takes its channels from its images: pass num_channels "
+                     "(DatasetInfo.num_channels).")
   size = _check_int("image_size", image_size, 1)
   images = np.asarray(images)
   if images.dtype != np.uint8:

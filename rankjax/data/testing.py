@@ -19,8 +19,8 @@ Example::
   >>> from rankjax.data import testing
   >>> with testing.mock_data("cub200", examples_per_class=(4, 8)):
   ...   info = data.get_dataset_info("cub200")
-  >>> info.train_classes, info.test_classes
-  (100, 100)
+  >>> info.train_classes, info.val_classes, info.test_classes
+  (80, 20, 100)
 """
 
 from __future__ import annotations

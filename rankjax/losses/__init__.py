@@ -8,8 +8,13 @@ by name with :func:`get_loss`::
     value = loss_fn(embeddings, labels)
 
 The proxy-based losses (:data:`PROXY_LOSSES`) also take learned class proxies,
-``loss_fn(embeddings, labels, proxies=f32[C, D])``; rankjax.train keeps them in the model
-(``EmbeddingModel.proxies``) and trains them with the network.
+``loss_fn(embeddings, labels, proxies=f32[C, D])`` (sub-center ArcFace: ``f32[C, K, D]``); they
+belong to the loss (:mod:`rankjax.loss_params`), and rankjax.train keeps them in its state and
+trains them with the network. The losses of :data:`LOSSES_NEEDING_KEY` draw random samples and
+take a PRNG key per call, ``loss_fn(embeddings, labels, key=jax.random.fold_in(root, step))``.
+The pair-based losses (contrastive, triplet, multi-similarity, margin, supcon) accept a reference
+set, ``loss_fn(embeddings, labels, ref_embeddings=f32[M, D], ref_labels=int[M])``, which is how a
+cross-batch memory (:mod:`rankjax.cross_batch`) plugs in.
 """
 
 from __future__ import annotations
@@ -18,25 +23,37 @@ import functools
 import inspect
 from typing import Callable
 
+from rankjax.losses.arcface import arcface_loss, subcenter_arcface_loss
 from rankjax.losses.contrastive import contrastive_loss
+from rankjax.losses.cosface import cosface_loss
 from rankjax.losses.lifted_structure import lifted_structure_loss
+from rankjax.losses.margin import margin_loss, negative_sampling_probabilities, sample_negatives
 from rankjax.losses.multi_similarity import multi_similarity_loss
 from rankjax.losses.npairs import angular_loss, npairs_angular_loss, npairs_loss
 from rankjax.losses.proxies import normalized_softmax_loss, proxy_anchor_loss
+from rankjax.losses.supcon import supcon_loss
 from rankjax.losses.triplet import triplet_loss
 
 __all__ = [
     "LOSSES",
+    "LOSSES_NEEDING_KEY",
     "PROXY_LOSSES",
     "angular_loss",
+    "arcface_loss",
     "contrastive_loss",
+    "cosface_loss",
     "get_loss",
     "lifted_structure_loss",
+    "margin_loss",
     "multi_similarity_loss",
+    "negative_sampling_probabilities",
     "npairs_angular_loss",
     "normalized_softmax_loss",
     "npairs_loss",
     "proxy_anchor_loss",
+    "sample_negatives",
+    "subcenter_arcface_loss",
+    "supcon_loss",
     "triplet_loss",
 ]
 
@@ -54,10 +71,18 @@ LOSSES: dict[str, tuple[Callable, dict]] = {
     "multi_similarity": (multi_similarity_loss, {}),
     "proxy_anchor": (proxy_anchor_loss, {}),
     "normalized_softmax": (normalized_softmax_loss, {}),
+    "margin": (margin_loss, {}),
+    "supcon": (supcon_loss, {}),
+    "arcface": (arcface_loss, {}),
+    "cosface": (cosface_loss, {}),
+    "subcenter_arcface": (subcenter_arcface_loss, {}),
 }
-# The losses that take ``proxies=`` (one learned vector per training class) besides the batch.
+# The losses that take ``proxies=`` (learned vectors per training class) besides the batch.
 PROXY_LOSSES = ("proxy_anchor", "proxy_anchor_loss", "normalized_softmax",
-                "normalized_softmax_loss")
+                "normalized_softmax_loss", "arcface", "arcface_loss", "cosface", "cosface_loss",
+                "subcenter_arcface", "subcenter_arcface_loss")
+# The losses that take ``key=`` (a JAX PRNG key, a new one per step) for their random sampling.
+LOSSES_NEEDING_KEY = ("margin", "margin_loss")
 for _fn in {fn for fn, _ in LOSSES.values()}:
   LOSSES[_fn.__name__] = (_fn, {})
 del _fn
@@ -68,9 +93,12 @@ def get_loss(name: str, **options) -> Callable:
 
   Names are the config names (``"contrastive"``, ``"triplet_semihard"``, ``"triplet_hard"``,
   ``"triplet_all"``, ``"npairs"``, ``"angular"``, ``"npairs_angular"``, ``"lifted_structure"``,
-  ``"multi_similarity"``, ``"proxy_anchor"``, ``"normalized_softmax"``, and ``"triplet"``) or the
+  ``"multi_similarity"``, ``"proxy_anchor"``, ``"normalized_softmax"``, ``"margin"``,
+  ``"supcon"``, ``"arcface"``, ``"cosface"``, ``"subcenter_arcface"``, and ``"triplet"``) or the
   function names (``"triplet_loss"``, ...).
-  The returned function still accepts keyword options, which override the bound ones.
+  The returned function still accepts keyword options, which override the bound ones. A loss of
+  :data:`PROXY_LOSSES` still needs ``proxies=``, and one of :data:`LOSSES_NEEDING_KEY` ``key=``
+  (a new key per training step), at each call.
 
   Raises:
     ValueError: for an unknown name (the message lists the valid ones), an option the loss does

@@ -7,6 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rankjax import similarity
+
+def references(embeddings, labels, ref_embeddings, ref_labels, ref_self_index):
+  """Checks the reference set; returns ``(ref_embeddings, masks)`` for the pairwise matrix.
+
+  ``masks`` holds the keyword arguments of :func:`rankjax.similarity.positive_mask` (and of the
+  :mod:`rankjax.mining` functions): ``{}`` without references.
+  """
+  ref_embeddings, ref_labels, ref_self_index = similarity.check_references(
+      embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+  if ref_labels is None:
+    return None, {}
+  return ref_embeddings, {"ref_labels": ref_labels, "ref_self_index": ref_self_index}
+
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
   """``total / count``, and 0 (with a zero gradient) when ``count`` is 0."""

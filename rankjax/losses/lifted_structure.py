@@ -9,8 +9,8 @@ from rankjax import similarity
 from rankjax.losses import _common
 
 
-def lifted_structure_loss(embeddings: jax.Array, labels: jax.Array, *,
-                          margin: float = 1.0) -> jax.Array:
+def lifted_structure_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 1.0,
+                          precision=similarity.DEFAULT_PRECISION) -> jax.Array:
   r"""Lifted structured embedding loss on (non-squared) euclidean distances :math:`D`.
 
   .. math::
@@ -27,6 +27,7 @@ def lifted_structure_loss(embeddings: jax.Array, labels: jax.Array, *,
     embeddings: ``f32[B, D]`` (used as given, not normalised).
     labels: ``int[B]`` class labels.
     margin: :math:`m \ge 0`.
+    precision: of the distance matrix's matmuls (:data:`rankjax.similarity.DEFAULT_PRECISION`).
 
   Returns:
     ``f32[]``; 0 without positive pairs or without negatives.
@@ -40,7 +41,7 @@ def lifted_structure_loss(embeddings: jax.Array, labels: jax.Array, *,
   """
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   similarity.check_nonnegative(margin, "margin")
-  d = similarity.pairwise_distances(embeddings, distance="euclidean")
+  d = similarity.pairwise_distances(embeddings, distance="euclidean", precision=precision)
   pos = similarity.positive_mask(labels)
   row, has_negative = _common.masked_logsumexp(margin - d, similarity.negative_mask(labels), axis=1)
   row_i, row_j = row[:, None], row[None, :]

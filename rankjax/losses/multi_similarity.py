@@ -10,8 +10,11 @@ from rankjax.losses import _common
 
 
 def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *, alpha: float = 2.0,
-                          beta: float = 50.0, base: float = 0.5,
-                          epsilon: float = 0.1) -> jax.Array:
+                          beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1,
+                          ref_embeddings: jax.Array | None = None,
+                          ref_labels: jax.Array | None = None,
+                          ref_self_index: jax.Array | None = None,
+                          precision=similarity.DEFAULT_PRECISION) -> jax.Array:
   r"""Multi-similarity loss on the cosine similarities :math:`S` of L2-normalised embeddings.
 
   Pair mining keeps, for anchor :math:`i`, the positives with
@@ -23,10 +26,13 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *, alpha: fl
          \log\Big(1 + \sum_{\text{kept } p} e^{-\alpha (S_{ip} - \lambda)}\Big)
        + \frac{1}{\beta} \log\Big(1 + \sum_{\text{kept } n} e^{\beta (S_{in} - \lambda)}\Big)
 
-  with base :math:`\lambda`. An empty kept set contributes 0 (the authors' code skips such
-  anchors yet still divides by B, which differs only for anchors with one set empty). Wang et
-  al., "Multi-similarity loss with general pair weighting for deep metric learning", CVPR 2019.
-  Invariant to the scale of the embeddings.
+  with base :math:`\lambda`. With references (``ref_embeddings``, e.g. a cross-batch memory),
+  :math:`S` is the ``B x M`` matrix from the batch's anchors to the references, and the positives
+  and negatives of anchor :math:`i` are references (:func:`rankjax.similarity.positive_mask`);
+  the mean still runs over the B anchors. An empty kept set contributes 0 (the authors' code
+  skips such anchors yet still divides by B, which differs only for anchors with one set
+  empty). Wang et al., "Multi-similarity loss with general pair weighting for deep metric
+  learning", CVPR 2019. Invariant to the scale of the embeddings.
 
   Args:
     embeddings: ``f32[B, D]`` (normalised inside, as the paper defines it).
@@ -35,6 +41,12 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *, alpha: fl
     beta: negative scale :math:`\beta > 0`.
     base: similarity offset :math:`\lambda`.
     epsilon: mining margin :math:`\epsilon \ge 0`.
+    ref_embeddings: ``f32[M, D]`` references to draw positives and negatives from, or None:
+      the batch itself.
+    ref_labels: ``int[M]``, their labels (with ``ref_embeddings``); < 0 marks an empty slot.
+    ref_self_index: ``int[B]``, the reference column holding each anchor itself (never paired
+      with it), or None: the references hold no copy of the batch.
+    precision: of the similarity matrix's matmul (:data:`rankjax.similarity.DEFAULT_PRECISION`).
 
   Returns:
     ``f32[]``; 0 when no pair is kept.
@@ -50,9 +62,10 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *, alpha: fl
   _common.check_positive(alpha, "alpha")
   _common.check_positive(beta, "beta")
   similarity.check_nonnegative(epsilon, "epsilon")
-  s = similarity.cosine_similarities(embeddings)
-  pos = similarity.positive_mask(labels)
-  neg = similarity.negative_mask(labels)
+  refs, masks = _common.references(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+  s = similarity.cosine_similarities(embeddings, refs, precision=precision)
+  pos = similarity.positive_mask(labels, **masks)
+  neg = similarity.negative_mask(labels, **masks)
   hardest_negative = jnp.max(jnp.where(neg, s, -jnp.inf), axis=1, keepdims=True)
   hardest_positive = jnp.min(jnp.where(pos, s, jnp.inf), axis=1, keepdims=True)
   # Against an empty set the comparisons are False (inf), so nothing is kept.

@@ -22,7 +22,7 @@ NEGATIVES = ("positives", "all")
 
 
 def npairs_loss(embeddings: jax.Array, labels: jax.Array, *, l2_reg: float = 0.002,
-                negatives: str = "positives") -> jax.Array:
+                negatives: str = "positives", precision=similarity.DEFAULT_PRECISION) -> jax.Array:
   r"""Multi-class N-pair loss with the tf.contrib semantics (logits on raw embeddings).
 
   With :math:`N` pairs :math:`(a_i, p_i)` and logits :math:`s_{ij} = a_i \cdot p_j`,
@@ -43,6 +43,7 @@ def npairs_loss(embeddings: jax.Array, labels: jax.Array, *, l2_reg: float = 0.0
       every other-class sample of the batch is a negative of :math:`a_i`, i.e. the log-sum-exp
       runs over :math:`\{a_i \cdot p_i\} \cup \{a_i \cdot x_n : y_n \ne y_i\}` (B - 2 negatives
       per anchor when every class has two samples).
+    precision: of the logits' matmul (:data:`rankjax.similarity.DEFAULT_PRECISION`).
 
   Returns:
     ``f32[]``; 0 when no class has two samples.
@@ -56,26 +57,25 @@ def npairs_loss(embeddings: jax.Array, labels: jax.Array, *, l2_reg: float = 0.0
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   similarity.check_nonnegative(l2_reg, "l2_reg")
   _common.check_choice(negatives, "negatives", NEGATIVES)
-  fn = _npairs_all_negatives if negatives == "all" else _npairs_positive_negatives
+  fn = _npairs_function(negatives, similarity.check_precision(precision))
   return _with_fewest_slots(fn, embeddings, labels, jnp.asarray(l2_reg, jnp.float32))
 
 
-def _npairs_positive_negatives(embeddings, labels, pairs, l2_reg):
-  return _npairs(embeddings, labels, pairs, l2_reg, "positives")
+@functools.lru_cache(maxsize=None)
+def _npairs_function(negatives, precision):
+  # One function object per option (a static argument of the custom VJP below, so it is hashed).
+  return functools.partial(_npairs, negatives=negatives, precision=precision)
 
 
-def _npairs_all_negatives(embeddings, labels, pairs, l2_reg):
-  return _npairs(embeddings, labels, pairs, l2_reg, "all")
-
-
-def _npairs(embeddings, labels, pairs, l2_reg, negatives):
+def _npairs(embeddings, labels, pairs, l2_reg, *, negatives, precision):
   anchors, positives = embeddings[pairs.anchors], embeddings[pairs.positives]
   target = jnp.sum(anchors * positives, axis=-1)
   if negatives == "positives":
-    logits = anchors @ positives.T
+    logits = jnp.matmul(anchors, positives.T, precision=precision)
     log_normaliser, _ = _common.masked_logsumexp(logits, pairs.valid[None, :], axis=1)
   else:
-    logits = jnp.concatenate([target[:, None], anchors @ embeddings.T], axis=1)
+    logits = jnp.concatenate(
+        [target[:, None], jnp.matmul(anchors, embeddings.T, precision=precision)], axis=1)
     other_class = labels[pairs.anchors][:, None] != labels[None, :]
     mask = jnp.concatenate([jnp.ones_like(other_class[:, :1]), other_class], axis=1)
     log_normaliser, _ = _common.masked_logsumexp(logits, mask, axis=1)
@@ -86,8 +86,8 @@ def _npairs(embeddings, labels, pairs, l2_reg, negatives):
   return _common.safe_mean(cross_entropy + penalty, count)
 
 
-def angular_loss(embeddings: jax.Array, labels: jax.Array, *,
-                 alpha_degrees: float = 45.0) -> jax.Array:
+def angular_loss(embeddings: jax.Array, labels: jax.Array, *, alpha_degrees: float = 45.0,
+                 precision=similarity.DEFAULT_PRECISION) -> jax.Array:
   r"""Angular loss, batch (N-pair) form, on L2-normalised embeddings.
 
   With :math:`t = \tan^2 \alpha` and the pairs :math:`(a_i, p_i)` normalised to unit length,
@@ -103,6 +103,7 @@ def angular_loss(embeddings: jax.Array, labels: jax.Array, *,
     embeddings: ``f32[B, D]`` (normalised inside, as the paper defines it).
     labels: ``int[B]`` class labels.
     alpha_degrees: :math:`\alpha`, in degrees, in (0, 90); the paper uses 36 to 55.
+    precision: of the logits' matmul (:data:`rankjax.similarity.DEFAULT_PRECISION`).
 
   Returns:
     ``f32[]``; 0 when fewer than two classes have two samples.
@@ -116,14 +117,20 @@ def angular_loss(embeddings: jax.Array, labels: jax.Array, *,
   embeddings, labels = similarity.check_embeddings_and_labels(embeddings, labels)
   _check_angle(alpha_degrees)
   tan_sq = jnp.square(jnp.tan(jnp.deg2rad(jnp.asarray(alpha_degrees, jnp.float32))))
-  return _with_fewest_slots(_angular, embeddings, labels, tan_sq)
+  return _with_fewest_slots(_angular_function(similarity.check_precision(precision)), embeddings,
+                            labels, tan_sq)
 
 
-def _angular(embeddings, labels, pairs, tan_sq):
+@functools.lru_cache(maxsize=None)
+def _angular_function(precision):
+  return functools.partial(_angular, precision=precision)
+
+
+def _angular(embeddings, labels, pairs, tan_sq, *, precision):
   del labels
   unit = similarity.l2_normalize(embeddings)
   anchors, positives = unit[pairs.anchors], unit[pairs.positives]
-  logits = (4.0 * tan_sq * (anchors + positives) @ positives.T
+  logits = (jnp.matmul(4.0 * tan_sq * (anchors + positives), positives.T, precision=precision)
             - 2.0 * (1.0 + tan_sq) * jnp.sum(anchors * positives, axis=-1)[:, None])
   others = pairs.valid[:, None] & pairs.valid[None, :] & ~jnp.eye(pairs.valid.shape[0], dtype=bool)
   losses = _common.log1p_sum_exp(logits, others, axis=1)
@@ -131,13 +138,14 @@ def _angular(embeddings, labels, pairs, tan_sq):
 
 
 def npairs_angular_loss(embeddings: jax.Array, labels: jax.Array, *, alpha_degrees: float = 45.0,
-                        angular_weight: float = 2.0, l2_reg: float = 0.002) -> jax.Array:
+                        angular_weight: float = 2.0, l2_reg: float = 0.002,
+                        precision=similarity.DEFAULT_PRECISION) -> jax.Array:
   r"""N-pair & angular loss of Wang et al. 2017:
   :math:`L = L_{npair}(x) + \lambda_{ang} L_{ang}(x / \|x\|)`.
 
   ``npairs_loss(embeddings, labels, l2_reg=l2_reg)`` on the raw embeddings plus
   ``angular_weight * angular_loss(embeddings, labels, alpha_degrees=alpha_degrees)``; the paper
-  uses :math:`\lambda_{ang} = 2`.
+  uses :math:`\lambda_{ang} = 2`. ``precision`` is both terms' (as in :func:`npairs_loss`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -146,8 +154,9 @@ def npairs_angular_loss(embeddings: jax.Array, labels: jax.Array, *, alpha_degre
     Array(0.34956154, dtype=float32)
   """
   similarity.check_nonnegative(angular_weight, "angular_weight")
-  return (npairs_loss(embeddings, labels, l2_reg=l2_reg)
-          + angular_weight * angular_loss(embeddings, labels, alpha_degrees=alpha_degrees))
+  return (npairs_loss(embeddings, labels, l2_reg=l2_reg, precision=precision)
+          + angular_weight * angular_loss(embeddings, labels, alpha_degrees=alpha_degrees,
+                                          precision=precision))
 
 
 def _with_fewest_slots(fn, embeddings, labels, param):

@@ -13,8 +13,10 @@ MINING = ("semihard", "hard", "all")
 
 
 def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.2,
-                 mining: str = "semihard", distance: str = "euclidean",
-                 soft: bool = False) -> jax.Array:
+                 mining: str = "semihard", distance: str = "euclidean", soft: bool = False,
+                 ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                 ref_self_index: jax.Array | None = None,
+                 precision=similarity.DEFAULT_PRECISION) -> jax.Array:
   r"""Triplet loss :math:`\ell(a, p, n) = \max(0,\ d_{ap} - d_{an} + m)` over in-batch triplets.
 
   With ``soft=True``, :math:`\ell(a, p, n) = \log(1 + e^{d_{ap} - d_{an}})` (no margin). Triplets
@@ -34,8 +36,13 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
     except that a one-class batch gives 0 where TF Addons gives :math:`\text{mean}(m + d_{ap})`
     and a batch without positive pairs gives 0 where TF Addons gives NaN.
 
+  With references (``ref_embeddings``, e.g. a cross-batch memory), anchors come from the batch
+  and their positives and negatives from the references, by the same rules over the
+  ``B x M`` distance matrix (:func:`rankjax.similarity.positive_mask` says which pairs count).
+
   No ``B x B x B`` tensor is built: see :mod:`rankjax.mining` for how semi-hard and batch-all
-  are answered in :math:`O(B^2 \log B)` time and :math:`O(B^2)` memory.
+  are answered in :math:`O(B^2 \log B)` time and :math:`O(B^2)` memory (:math:`O(B M \log M)`
+  and :math:`O(B M)` with references).
 
   Args:
     embeddings: ``f32[B, D]`` (used as given, not normalised).
@@ -45,6 +52,12 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     soft: softplus instead of the hinge. With ``mining="all"`` this costs :math:`O(B^2 K)` for
       classes of at most ``K`` samples (softplus has no prefix-sum form).
+    ref_embeddings: ``f32[M, D]`` references to draw positives and negatives from, or None:
+      the batch itself.
+    ref_labels: ``int[M]``, their labels (with ``ref_embeddings``); < 0 marks an empty slot.
+    ref_self_index: ``int[B]``, the reference column holding each anchor itself (never paired
+      with it), or None: the references hold no copy of the batch.
+    precision: of the distance matrix's matmuls (:data:`rankjax.similarity.DEFAULT_PRECISION`).
 
   Returns:
     ``f32[]``; 0 when no triplet can be formed.
@@ -62,23 +75,24 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
   similarity.check_distance(distance)
   similarity.check_nonnegative(margin, "margin")
   soft = _common.check_flag(soft, "soft")
-  d = similarity.pairwise_distances(embeddings, distance=distance)
+  refs, masks = _common.references(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+  d = similarity.pairwise_distances(embeddings, refs, distance=distance, precision=precision)
 
   def loss(gap):  # gap = d_ap - d_an
     return jax.nn.softplus(gap) if soft else jax.nn.relu(gap + margin)
 
   if mining == "hard":
-    farthest_positive, has_positive = mining_lib.hardest_positive(d, labels)
-    nearest_negative, has_negative = mining_lib.hardest_negative(d, labels)
+    farthest_positive, has_positive = mining_lib.hardest_positive(d, labels, **masks)
+    nearest_negative, has_negative = mining_lib.hardest_negative(d, labels, **masks)
     valid = has_positive & has_negative
     losses = jnp.where(valid, loss(farthest_positive - nearest_negative), 0.0)
     return _common.safe_mean(jnp.sum(losses), jnp.sum(valid))
   if mining == "semihard":
-    negative, valid = mining_lib.semihard_negatives(d, labels)
+    negative, valid = mining_lib.semihard_negatives(d, labels, **masks)
     losses = jnp.where(valid, loss(d - negative), 0.0)
     return _common.safe_mean(jnp.sum(losses), jnp.sum(valid))
   if soft:
-    sums = mining_lib.negative_softplus_sums(d, labels)
-    return _common.safe_mean(jnp.sum(sums), mining_lib.valid_triplet_count(labels))
-  sums, counts = mining_lib.negative_hinge_sums(d, labels, margin=margin)
+    sums = mining_lib.negative_softplus_sums(d, labels, **masks)
+    return _common.safe_mean(jnp.sum(sums), mining_lib.valid_triplet_count(labels, **masks))
+  sums, counts = mining_lib.negative_hinge_sums(d, labels, margin=margin, **masks)
   return _common.safe_mean(jnp.sum(sums), jnp.sum(counts))

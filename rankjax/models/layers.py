@@ -74,7 +74,7 @@ class BatchNorm(nnx.BatchNorm):
   them, whatever ``model.train()`` / ``model.eval()`` / ``nnx.view`` set: the standard recipe for
   fine-tuning a pretrained encoder on small retrieval datasets (CUB, Cars, SOP), where batches of a
   few classes give poor batch statistics. The affine ``scale`` and ``bias`` stay trainable
-  ``Param``s.
+  ``nnx.Param`` variables.
   """
 
   def __init__(self, num_features: int, *, frozen: bool = False, **kwargs):

@@ -38,6 +38,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 
 from rankjax.models import efficientnet, resnet, small, weights
 from rankjax.models.head import EmbeddingHead
@@ -134,24 +135,16 @@ class EmbeddingModel(nnx.Module):
   ``model.train()`` normalises with batch statistics and updates the running averages,
   ``model.eval()`` uses the running averages (a model built with ``freeze_batchnorm=True`` uses
   them in both modes). The two submodules let an optimizer give the head its own learning rate by
-  parameter path (``backbone/...`` vs ``head/...``).
-
-  With ``num_proxies > 0`` the model also holds ``proxies: f32[num_proxies, embedding_dim]``, one
-  learned vector per training class for the proxy-based losses (rankjax.losses.PROXY_LOSSES),
-  drawn from a standard normal (the losses normalise them). The forward pass does not use them.
+  parameter path (``backbone/...`` vs ``head/...``). A loss's own parameters (class proxies) are
+  not here: they belong to the loss (:mod:`rankjax.loss_params`).
   """
 
   def __init__(self, backbone: nnx.Module, head: EmbeddingHead, *, model_name: str,
-               num_channels: int, num_proxies: int = 0, rngs: nnx.Rngs | None = None):
+               num_channels: int):
     self.backbone = backbone
     self.head = head
     self.model_name = model_name
     self.num_channels = num_channels
-    if num_proxies:
-      if rngs is None:
-        raise ValueError("EmbeddingModel needs rngs to initialise its proxies.")
-      embedding_dim = head.projection.out_features
-      self.proxies = nnx.Param(jax.random.normal(rngs.params(), (num_proxies, embedding_dim)))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     images = jnp.asarray(images)
@@ -199,11 +192,32 @@ def _input_transform(convention: str | None):
           }.get(convention, lambda: None)()
 
 
+def gray_input_transform(rgb_transform):
+  r"""The input transform of RGB weights for grayscale images, which it repeats into 3 channels.
+
+  ``rgb_transform = (scale, offset, reverse)`` maps the ImageNet-standardised RGB of rankjax's
+  pipelines, :math:`x_c = (p - m_c) / s_c` for pixels :math:`p \in [0, 1]`, to the weights'
+  convention :math:`a_c x_c + b_c`. A grayscale pipeline gives :math:`x = (p - g_m) / g_s`
+  (rankjax.data.preprocessing's ``GRAYSCALE_MEAN`` / ``GRAYSCALE_STD``), so the same target is
+  :math:`(a_c g_s / s_c) x + a_c (g_m - m_c) / s_c + b_c`: per-channel scale and offset that
+  broadcast the one gray channel to three, exactly what the RGB network sees for a gray photo.
+  """
+  from rankjax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  scale, offset, reverse = rgb_transform
+  mean, std = np.asarray(preprocessing.IMAGENET_MEAN), np.asarray(preprocessing.IMAGENET_STD)
+  g_mean, g_std = preprocessing.GRAYSCALE_MEAN[0], preprocessing.GRAYSCALE_STD[0]
+  scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
+  if reverse:  # The weights see BGR: their channel c is RGB channel 2 - c.
+    mean, std = mean[::-1], std[::-1]
+  new_scale = scale * g_std / std
+  new_offset = scale * (g_mean - mean) / std + offset
+  return (tuple(float(v) for v in new_scale), tuple(float(v) for v in new_offset), False)
+
+
 def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
               pooling: str = "avg", normalize: bool = False, freeze_batchnorm: bool = False,
               dtype=jnp.float32, pretrained: str | os.PathLike | None = None,
-              rngs: nnx.Rngs | int, backbone_options: dict | None = None,
-              num_proxies: int = 0) -> EmbeddingModel:
+              rngs: nnx.Rngs | int, backbone_options: dict | None = None) -> EmbeddingModel:
   """Builds the encoder ``name`` with an embedding head.
 
   Args:
@@ -228,8 +242,6 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     backbone_options: extra keyword arguments of the backbone class, e.g.
       ``{"widths": (64, 128, 256, 512)}`` for ``small_resnet``, ``{"frozen_blocks": 5}`` for
       ``efficientnet_lite0``.
-    num_proxies: learned class proxies for a proxy-based loss (one per training class), held as
-      ``model.proxies``; 0 for none.
 
   Returns:
     An :class:`EmbeddingModel`, in training mode.
@@ -249,7 +261,6 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
     raise ValueError(f"dtype={dtype!r} is not a dtype.") from None
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating-point compute dtype; got {dtype}.")
-  num_proxies = _integer(num_proxies, "num_proxies", minimum=0, what="a non-negative integer")
   options = dict(backbone_options or {})
 
   weights_file = None
@@ -265,12 +276,16 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
                        f"{meta.get('architecture')!r}, not for model {name!r}.")
     transform = _input_transform(meta.get("input_convention"))
     if transform is not None:
-      if num_channels != 3:
-        raise ValueError(f"ImageNet weights take RGB images: num_channels must be 3; got "
-                         f"{num_channels}.")
+      if num_channels not in (1, 3):
+        raise ValueError(f"ImageNet weights take RGB (or grayscale) images: num_channels must be "
+                         f"3 or 1; got {num_channels}.")
+      if num_channels == 1:
+        transform = gray_input_transform(transform)
       options["input_transform"] = transform
 
-  build = functools.partial(spec.build, num_channels=num_channels, dtype=dtype,
+  # A grayscale image reaches RGB weights as its gray value in all three channels.
+  backbone_channels = 3 if "input_transform" in options else num_channels
+  build = functools.partial(spec.build, num_channels=backbone_channels, dtype=dtype,
                             freeze_batchnorm=freeze_batchnorm, **options)
   try:
     if weights_file is None:
@@ -286,5 +301,4 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
                          optional_prefixes=spec.optional_weights)
   head = EmbeddingHead(backbone.num_features, embedding_dim, pooling=pooling,
                        normalize=normalize, rngs=rngs)
-  return EmbeddingModel(backbone, head, model_name=name, num_channels=num_channels,
-                        num_proxies=num_proxies, rngs=rngs)
+  return EmbeddingModel(backbone, head, model_name=name, num_channels=num_channels)

