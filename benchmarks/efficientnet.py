@@ -13,8 +13,9 @@ Two tables:
    (``backbone_options={"frozen_blocks": N}``: no backward through them, their weights outside the
    optimizer); each beside PyTorch with the same BatchNorm mode and the same blocks frozen
    (``requires_grad=False``, run under ``no_grad``). At ``--route_size`` two more rankjax rows
-   switch ``layers.CPU_ROUTES``: the depthwise route off (lax's grouped convolution) and 1x1
-   convolutions as matrix products on. Images/s, best of ``--repeats`` x ``--steps`` steps, on one
+   switch one of ``layers.CPU_ROUTES`` off: the depthwise route (lax's grouped convolution instead)
+   and the pointwise one (lax's 1x1 convolution instead of a matrix product). Images/s of wall time
+   and images per CPU-second of the process, best of ``--repeats`` x ``--steps`` steps, on one
    fixed batch.
 
 ::
@@ -208,6 +209,19 @@ def best_seconds(fn, repeats=3):
   return best
 
 
+def rates(run, batch, *, steps, repeats):
+  """``(images / s of wall time, images / CPU-second of this process)``, each the best of
+  ``repeats`` timings of ``steps`` steps. On a shared machine the CPU-time rate is the steadier:
+  waiting for a core counts in the first, not in the second."""
+  wall = cpu = 0.0
+  for _ in range(repeats):
+    start = time.process_time()
+    seconds = run(steps)
+    cpu_seconds = time.process_time() - start
+    wall, cpu = max(wall, batch * steps / seconds), max(cpu, batch * steps / cpu_seconds)
+  return wall, cpu
+
+
 def depthwise_shapes(image_size):
   """``(input size, channels, kernel, stride)`` of every distinct depthwise layer of Lite0."""
   size, shapes = math.ceil(image_size / 2), []
@@ -262,17 +276,19 @@ def depthwise_table(image_size):
 def train_step_table(sizes, frozen, steps, repeats, route_size):
   """Rows per size: BatchNorm on batch statistics, then frozen BatchNorm (the fine-tuning recipe)
   with ``frozen`` leading blocks frozen; at ``route_size``, the recipe's step with the depthwise
-  route off (lax's grouped convolution) and with 1x1 convolutions as matrix products."""
+  route off (lax's grouped convolution) and with the pointwise route off (lax's 1x1 convolution)."""
   print(f"\nTrain step of efficientnet_lite0 (random init), batch {BATCH}, semi-hard triplet "
-        f"loss, Adam; images/s, best of {repeats} x {steps} steps")
-  print(f"{'size':>4} {'BatchNorm':<9} {'frozen blocks':>13} {'CPU routes':<26} "
-        f"{'rankjax img/s':>13} {'PyTorch img/s':>13} {'ratio':>6} {'vs row 1':>8}")
+        f"loss, Adam; best of {repeats} x {steps} steps: images/s (wall), images/CPU-s (this "
+        "process's CPU time); ratios rankjax / PyTorch and against the size's first row")
+  print(f"{'size':>4} {'BatchNorm':<9} {'frozen':>6} {'CPU routes':<26} {'rankjax':>7} "
+        f"{'/CPU-s':>6} {'PyTorch':>7} {'/CPU-s':>6} {'ratio':>5} {'CPU':>5} {'vs 1st':>6} "
+        f"{'CPU':>5}")
   default_routes = layers.CPU_ROUTES
   for size in sizes:
     rows = [("batch", 0, default_routes)] + [("frozen", n, default_routes) for n in frozen]
     if size == route_size:
       rows += [("frozen", 0, default_routes - {"depthwise"}),
-               ("frozen", 0, default_routes | {"pointwise"})]
+               ("frozen", 0, default_routes - {"pointwise"})]
     first = None
     for bn, n, routes in rows:
       layers.CPU_ROUTES = routes
@@ -282,18 +298,19 @@ def train_step_table(sizes, frozen, steps, repeats, route_size):
             backbone_options={"frozen_blocks": n}, freeze_batchnorm=bn == "frozen")
       finally:
         layers.CPU_ROUTES = default_routes
-      jax_ips = train_step.images_per_second(run, BATCH, steps=steps, repeats=repeats)
-      torch_ips = float("nan")
+      jax_ips = rates(run, BATCH, steps=steps, repeats=repeats)
+      torch_ips = (float("nan"), float("nan"))
       if routes == default_routes:  # PyTorch has one route; it runs beside the default rows.
         build = lambda c, n=n, bn=bn: torch_lite0(frozen_blocks=n, embedding_dim=128,
                                                   freeze_batchnorm=bn == "frozen")
         trun = train_step.torch_step("efficientnet_lite0", image_size=size, channels=3,
                                      batch=BATCH, device="cpu", bf16=False, build=build)
-        torch_ips = train_step.images_per_second(trun, BATCH, steps=steps, repeats=repeats)
+        torch_ips = rates(trun, BATCH, steps=steps, repeats=repeats)
       first = first or jax_ips
-      print(f"{size:>4} {bn:<9} {n:>13} {'+'.join(sorted(routes)):<26} {jax_ips:>13.1f} "
-            f"{torch_ips:>13.1f} {jax_ips / torch_ips:>6.2f} {jax_ips / first:>7.2f}x",
-            flush=True)
+      print(f"{size:>4} {bn:<9} {n:>6} {'+'.join(sorted(routes)):<26} {jax_ips[0]:>7.1f} "
+            f"{jax_ips[1]:>6.1f} {torch_ips[0]:>7.1f} {torch_ips[1]:>6.1f} "
+            f"{jax_ips[0] / torch_ips[0]:>5.2f} {jax_ips[1] / torch_ips[1]:>5.2f} "
+            f"{jax_ips[0] / first[0]:>6.2f} {jax_ips[1] / first[1]:>5.2f}", flush=True)
 
 
 def main():

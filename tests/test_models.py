@@ -116,7 +116,7 @@ def _primitives(fn, *args):
 @pytest.mark.parametrize("size,kernel,stride,route", [
     ((2, 2), 3, 1, "patches"), ((4, 4), 3, 2, "patches"), ((3, 3), 3, 2, "patches"),
     ((1, 1), 3, 1, "patches"), ((2, 1), 7, 2, "patches"), ((4, 4), 3, 1, "conv"),
-    ((2, 5), 3, 1, "conv"), ((2, 2), 1, 1, "conv")])
+    ((2, 5), 3, 1, "conv"), ((2, 2), 1, 1, "patches"), ((5, 4), 1, 2, "patches")])
 def test_conv_matches_lax_on_both_routes(size, kernel, stride, route):
   # Outputs of at most 2x2 run as patches @ kernel on the CPU (layers.conv_general_dilated).
   pad = ((kernel - 1) // 2,) * 2
@@ -192,16 +192,14 @@ def test_depthwise_route_matches_lax_grouped_conv_values_and_gradients(size, ker
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_pointwise_route_when_switched_on_matches_lax(monkeypatch, stride):
+def test_pointwise_route_matches_lax_and_can_be_switched_off(monkeypatch, stride):
   x, w = _images((2, 7, 6, 5)), _images((1, 1, 5, 3), seed=1)
   numbers = ("NHWC", "HWIO", "NHWC")
   ours = lambda w, x: layers.conv_general_dilated(x, w, (stride, stride), "SAME",
                                                   dimension_numbers=numbers)
   ref = lambda w, x: jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
                                                   dimension_numbers=numbers)
-  # Off by default. (A fresh function for each check: JAX caches traces by function.)
-  assert "conv_general_dilated" in _primitives(lambda w, x: ours(w, x), w, x)
-  monkeypatch.setattr(layers, "CPU_ROUTES", layers.CPU_ROUTES | {"pointwise"})
+  # A fresh function for each check: JAX caches traces by function.
   assert "conv_general_dilated" not in _primitives(lambda w, x: ours(w, x), w, x)
   np.testing.assert_allclose(ours(w, x), ref(w, x), rtol=1e-5, atol=1e-5)
   cotangent = _images(ref(w, x).shape, seed=2)
@@ -209,6 +207,8 @@ def test_pointwise_route_when_switched_on_matches_lax(monkeypatch, stride):
     g_ours = jax.grad(lambda w, x: jnp.sum(ours(w, x) * cotangent), argnums=arg)(w, x)
     g_ref = jax.grad(lambda w, x: jnp.sum(ref(w, x) * cotangent), argnums=arg)(w, x)
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+  monkeypatch.setattr(layers, "CPU_ROUTES", layers.CPU_ROUTES - {"pointwise"})
+  assert "conv_general_dilated" in _primitives(lambda w, x: ours(w, x), w, x)
 
 
 def test_depthwise_route_takes_only_depthwise_convolutions():

@@ -64,7 +64,7 @@ STEM_FEATURES = 32
 HEAD_FEATURES = 1280
 NUM_CLASSES = 1000
 
-# He et al. fan-out initialisation counts a depthwise kernel's k*k taps only (one input channel).
+# He et al.'s initialisation for a depthwise kernel: its fan is the k*k taps of one channel.
 _depthwise_kernel_init = layers.scaled_normal_init(2.0, "fan_in")
 
 

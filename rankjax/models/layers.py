@@ -7,10 +7,10 @@ rather than ``"SAME"``: for an even input, XLA's ``"SAME"`` pads a 7x7 stride-2 
 Convolutions whose output is at most 2x2 pixels run on the CPU as one matrix product over
 explicit patches (:func:`conv_general_dilated`): there XLA's CPU convolution is 10 to 80 times
 slower than the matrix product (benchmarks/small_convolutions.py), which made ResNet-18's last stage
-at 64 px (2x2 maps of 512 channels) cost most of its train step. Depthwise convolutions (one
-group per channel, as in MobileNets and EfficientNets) run on the CPU as a sum of the kernel's
-shifted slices times the per-channel weights: XLA:CPU's grouped convolution is 6 to 17 times slower
-(benchmarks/efficientnet.py).
+at 64 px (2x2 maps of 512 channels) cost most of its train step; so do 1x1 convolutions, which
+are a matrix product. Depthwise convolutions (one group per channel, as in MobileNets and
+EfficientNets) run on the CPU as a sum of the kernel's shifted slices times the per-channel
+weights: XLA:CPU's grouped convolution is several times slower (benchmarks/efficientnet.py).
 
 Max-pooling is written as an elementwise maximum over strided slices instead of
 ``lax.reduce_window``. The forward pass is identical, but the gradient becomes a chain of selects:
@@ -20,6 +20,7 @@ times slower than the convolutions around it (see ``benchmarks/encoder_downsampl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -130,9 +131,10 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, strides: int 
 _PATCH_MATMUL_MAX_OUTPUT = 2
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The CPU routes of conv_general_dilated that are on: "patches" (outputs of at most 2x2),
-# "depthwise" (shifted-slice sums) and, off by default, "pointwise" (a 1x1 convolution as one
-# matrix product). Benchmarks switch them to measure each against lax.
-CPU_ROUTES = frozenset({"patches", "depthwise"})
+# "depthwise" (shifted-slice sums) and "pointwise" (an unpadded 1x1 convolution as one matrix
+# product: 1.3-5x faster than XLA:CPU's convolution at EfficientNet's shapes, forward + backward).
+# Benchmarks switch them off to measure each against lax.
+CPU_ROUTES = frozenset({"patches", "depthwise", "pointwise"})
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
@@ -149,7 +151,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
 
   i.e. the ``k_h k_w`` strided slices of ``x`` concatenated along channels ``[B, H', W', k_h k_w
   C]`` times ``w`` reshaped to ``[k_h k_w C, O]``. That route is taken on the CPU backend for a
-  plain convolution (no dilation, one group, NHWC / HWIO) whose output is at most 2x2 pixels. A
+  plain convolution (no dilation, one group, NHWC / HWIO) whose output is at most 2x2 pixels, and
+  for an unpadded 1x1 convolution (one strided slice times ``w``, whatever its size). A
   depthwise convolution (``feature_group_count == C``, kernel ``[k_h, k_w, 1, C]``) takes
   :func:`depthwise_shift_conv` on the CPU, whatever its size. Anything else calls
   ``lax.conv_general_dilated`` unchanged. String padding (``"SAME"``, ``"VALID"``) is resolved to
@@ -242,15 +245,54 @@ def depthwise_shift_conv(x, kernel, strides, padding, *, preferred_element_type=
      y_{b, i, j, c} = \sum_{u, v} x_{b,\, s_h i + u,\, s_w j + v,\, c}\, w_{u, v, 0, c}
 
   over the zero-padded ``x``: ``lax.conv_general_dilated(..., feature_group_count=C)``. Elementwise
-  products and sums, which XLA:CPU fuses, instead of its slow grouped convolution.
+  products and sums, which XLA:CPU fuses, instead of its slow grouped convolution. The kernel's
+  gradient :math:`\partial w_{u, v, 0, c} = \sum_{b, i, j} \bar y_{b, i, j, c}\, x_{b,\, s_h i + u,
+  \, s_w j + v,\, c}` is computed one offset :math:`(u, v)` at a time, in a loop: XLA:CPU runs the
+  :math:`k_h k_w` reductions 2-3 times slower when it fuses them together.
   """
+  dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, kernel))
+  return _depthwise(x, kernel, tuple(strides), tuple(map(tuple, padding)), dtype)
+
+
+def _depthwise_sum(x, kernel, strides, padding, dtype):
   kh, kw = kernel.shape[:2]
-  dtype = preferred_element_type or jnp.result_type(x, kernel)
   out = None
   for u, v, piece in _shifted_slices(x, kh, kw, strides, padding):
     term = (piece * kernel[u, v, 0]).astype(dtype)
     out = term if out is None else out + term
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise(x, kernel, strides, padding, dtype):
+  return _depthwise_sum(x, kernel, strides, padding, dtype)
+
+
+def _depthwise_forward(x, kernel, strides, padding, dtype):
+  return _depthwise_sum(x, kernel, strides, padding, dtype), (x, kernel)
+
+
+def _depthwise_backward(strides, padding, dtype, residuals, cotangent):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: _depthwise_sum(x, kernel, strides, padding, dtype), x)
+  (dx,) = input_vjp(cotangent)
+  (top, bottom), (left, right) = padding
+  kh, kw, _, channels = kernel.shape
+  sh, sw = strides
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  batch, out_h, out_w, _ = cotangent.shape
+  window = (batch, sh * (out_h - 1) + 1, sw * (out_w - 1) + 1, channels)
+
+  def tap(offset):
+    piece = jax.lax.dynamic_slice(padded, (0, offset[0], offset[1], 0), window)[:, ::sh, ::sw]
+    return jnp.sum(cotangent * piece, axis=(0, 1, 2), dtype=jnp.float32)
+
+  offsets = jnp.array([(u, v) for u in range(kh) for v in range(kw)], jnp.int32)
+  dkernel = jax.lax.map(tap, offsets).reshape(kh, kw, 1, channels)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_forward, _depthwise_backward)
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
