@@ -80,7 +80,9 @@ def build_config(dataset: str, loss: str, seed: int, *, config_flags: str = "",
     config.train.log_every = min(config.train.log_every, max(steps // 10, 1))
     config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
   if eval_every is None:  # Learning curves on the validation split, where the dataset has one.
-    eval_every = max(config.train.steps // 5, 1) if _has_validation_split(config) else 0
+    sweep.apply_overrides(config, overrides)  # The dataset and protocol they may set decide it.
+    eval_every = config.eval.every or (
+        max(config.train.steps // 5, 1) if _has_validation_split(config) else 0)
   if eval_every < 0:
     raise ValueError(f"--eval_every must be >= 0; got {eval_every}.")
   config.eval.every = eval_every
@@ -88,23 +90,64 @@ def build_config(dataset: str, loss: str, seed: int, *, config_flags: str = "",
   return config
 
 
+def available_baselines(dataset: str, *, config_flags: str = "") -> list[str]:
+  """The untrained baselines (``sweep.BASELINE_LABELS``) that ``dataset``'s config offers."""
+  available = []
+  for baseline in sweep.BASELINE_LABELS:
+    try:
+      build_baseline_config(dataset, baseline, 0, config_flags=config_flags)
+    except ValueError:
+      continue
+    available.append(baseline)
+  return available
+
+
+def build_baseline_config(dataset: str, baseline: str, seed: int, *, config_flags: str = "",
+                          data_dir: str | None = None, overrides=()):
+  """The config of an untrained baseline: the dataset's config with the flag ``baseline``.
+
+  The loss only names the run (nothing is trained); ``--steps`` and ``--eval_every`` do not apply,
+  ``--set`` does (the same images and evaluation as the losses' runs).
+  """
+  if baseline not in sweep.BASELINE_LABELS:
+    raise ValueError(f"--baselines: unknown {baseline!r}; the baselines are "
+                     f"{', '.join(sweep.BASELINE_LABELS)}.")
+  arg = ",".join(["triplet_semihard", baseline]
+                 + [f for f in config_flags.split(",") if f.strip()])
+  config = sweep.load_config(dataset, arg)
+  config.seed = seed
+  if data_dir is not None:
+    config.data_dir = data_dir
+  sweep.apply_overrides(config, overrides)
+  return config
+
+
 def run_sweep(dataset: str, losses, seeds, output_dir: str, *, config_flags: str = "",
               steps=None, eval_every=None, data_dir=None, overrides=(), keep_checkpoints=False,
-              train_fn=None, log=print):
-  """Trains (or reuses) every (loss, seed) run; returns ``{loss: [RunResult per seed]}``."""
-  configs_by_run = {(loss, seed): build_config(dataset, loss, seed, config_flags=config_flags,
-                                               steps=steps, eval_every=eval_every,
-                                               data_dir=data_dir, overrides=overrides)
-                    for loss in losses for seed in seeds}  # All built first: fail fast.
-  results = {loss: [] for loss in losses}
+              train_fn=None, log=print, baselines=()):
+  """Trains (or reuses) every (loss, seed) run; returns ``{loss: [RunResult per seed]}``.
+
+  ``baselines`` (names of ``sweep.BASELINE_LABELS``) are evaluated first, once per seed, as
+  entries of the same dict.
+  """
+  configs_by_run = {(b, seed): build_baseline_config(dataset, b, seed, config_flags=config_flags,
+                                                     data_dir=data_dir, overrides=overrides)
+                    for b in baselines for seed in seeds}
+  configs_by_run.update({(loss, seed): build_config(dataset, loss, seed, config_flags=config_flags,
+                                                    steps=steps, eval_every=eval_every,
+                                                    data_dir=data_dir, overrides=overrides)
+                         for loss in losses for seed in seeds})  # All built first: fail fast.
+  results = {name: [] for name in (*baselines, *losses)}
   total = len(configs_by_run)
   for i, ((loss, seed), config) in enumerate(configs_by_run.items(), 1):
     workdir = os.path.join(output_dir, "runs", loss, f"seed{seed}")
-    log(f"[{i}/{total}] {loss} seed {seed}: {config.train.steps} steps of "
-        f"{config.classes_per_batch}x{config.samples_per_class} ... ", end="")
+    what = ("evaluated untrained" if loss in sweep.BASELINE_LABELS else
+            f"{config.train.steps} steps of {config.classes_per_batch}x{config.samples_per_class}")
+    log(f"[{i}/{total}] {loss} seed {seed}: {what} ... ", end="")
     result = sweep.run_or_reuse(config, workdir, train_fn=train_fn,
                                 keep_checkpoints=keep_checkpoints)
-    how = "reused finished run" if result.reused else f"trained in {result.wall_s:.1f} s"
+    how = ("reused finished run" if result.reused else
+           f"{'evaluated' if loss in sweep.BASELINE_LABELS else 'trained'} in {result.wall_s:.1f} s")
     log(f"{how}: " + " ".join(f"{name} {result.metrics[key]:.3f}"
                               for key, name in sweep.REPORTED_METRICS if key in result.metrics))
     results[loss].append(result)
@@ -180,6 +223,10 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       f"held-out classes (`{config.eval.split}` split), {config.eval.distance} similarity, each "
       "query's own image excluded." + ("" if config_flags else sweep.sweep_defaults_note(dataset)),
       "",
+      *([f"Untrained rows ({', '.join(_label(b) for b in results if b in sweep.BASELINE_LABELS)}"
+         "): the encoder's pooled features without a head or any training, with the same "
+         "evaluation; what the metric learning adds is the difference.", ""]
+        if any(b in sweep.BASELINE_LABELS for b in results) else []),
       f"Mean ± sample standard deviation (ddof = 1) over {'/'.join(map(str, n_seeds))} seeds "
       "(model initialisation and batch order); **bold** = best mean in the column."
       + (f" Chance Recall@1 (random ranking) = {chance:.3f}." if chance is not None else ""),
@@ -199,7 +246,7 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       cells.append(f"**{cell}**" if best[key] is not None and mean == best[key] else cell)
     wall = summary[loss]["wall_s"][0]
     batch = batches.get(loss, "?")
-    table.append(f"| {sweep.LOSS_LABELS.get(loss, loss)} | {batch} | " + " | ".join(cells)
+    table.append(f"| {_label(loss)} | {batch} | " + " | ".join(cells)
                  + f" | {wall:.0f} |")
   total = sum(r.wall_s for runs in results.values() for r in runs)
   lines += table + [
@@ -219,6 +266,11 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
   return "\n".join(table)
 
 
+def _label(name: str) -> str:
+  """The display name of a loss or of an untrained baseline."""
+  return sweep.LOSS_LABELS.get(name) or sweep.BASELINE_LABELS.get(name, name)
+
+
 def _backbone_options(config) -> str:
   options = config.model.backbone_options.to_dict()
   return f" with {options}" if options else ""
@@ -230,10 +282,10 @@ def write_plots(results, summary, output_dir: str, *, dataset: str, config,
   # Imported here so that --help and the sweep itself do not need matplotlib.
   from experiments import plotting  # pylint: disable=g-import-not-at-top
   ks = sorted(int(m.split("@")[1]) for m in config.eval.metrics if m.startswith("recall@"))
-  bars = {sweep.LOSS_LABELS.get(loss, loss): {k: summary[loss][f"recall@{k}"] for k in ks
-                                              if f"recall@{k}" in summary[loss]}
+  bars = {_label(loss): {k: summary[loss][f"recall@{k}"] for k in ks
+                         if f"recall@{k}" in summary[loss]}
           for loss in results}
-  n_seeds = {sweep.LOSS_LABELS.get(loss, loss): len(runs) for loss, runs in results.items()}
+  n_seeds = {_label(loss): len(runs) for loss, runs in results.items()}
   protocol = (f"{dataset}: {config.train.steps} steps, model {config.model.name}, "
               f"{config.model.embedding_dim}-d; test classes unseen in training")
   fig = plotting.recall_at_k_bars(bars, title=f"Recall@K, mean ± std over seeds ({protocol})",
@@ -242,6 +294,8 @@ def write_plots(results, summary, output_dir: str, *, dataset: str, config,
 
   curves = {}
   for loss, runs in results.items():
+    if loss in sweep.BASELINE_LABELS:  # Untrained: no curves.
+      continue
     per_tag = {}
     for run in runs:
       for tag, series in sweep.read_scalars(run.workdir).items():
@@ -277,8 +331,11 @@ def define_flags():
                        "the dataset, else the config's).")
   flags.DEFINE_integer("eval_every", None, "Evaluate on the validation classes every this many "
                        "steps (they choose each run's checkpoint), for the Recall@1 curve "
-                       "(default: 5 points per run where the dataset has a validation split, "
-                       "else 0).")
+                       "(default: the config's config.eval.every, else 5 points per run where the "
+                       "dataset has a validation split, else 0).")
+  flags.DEFINE_list("baselines", None, "Untrained networks evaluated as rows of the same table "
+                    f"({', '.join(sweep.BASELINE_LABELS)}); default: those the dataset's config "
+                    "offers (the CPU photo recipe's); '' for none.")
   sweep.define_common_flags(
       "Keep each finished run's checkpoints (needed for rankjax.load_embedder on it); by default "
       "only metrics, config and TensorBoard scalars stay.")
@@ -303,11 +360,14 @@ def main(argv):
   sweep.enable_compilation_cache(FLAGS.compilation_cache)
   print(f"Comparing {len(FLAGS.losses)} losses x {len(seeds)} seeds on {FLAGS.dataset}; "
         f"runs and results in {output_dir}", flush=True)
+  baselines = FLAGS.baselines
+  if baselines is None:
+    baselines = available_baselines(FLAGS.dataset, config_flags=FLAGS.config_flags)
   results = run_sweep(
       FLAGS.dataset, FLAGS.losses, seeds, output_dir, config_flags=FLAGS.config_flags,
       steps=FLAGS.steps, eval_every=FLAGS.eval_every, data_dir=FLAGS.data_dir,
       overrides=FLAGS.set, keep_checkpoints=FLAGS.keep_checkpoints,
-      log=lambda *a, **k: print(*a, **k, flush=True))
+      log=lambda *a, **k: print(*a, **k, flush=True), baselines=baselines)
   summary = summarise(results)
   config = build_config(FLAGS.dataset, FLAGS.losses[0], seeds[0],
                         config_flags=FLAGS.config_flags, steps=FLAGS.steps,
@@ -320,6 +380,7 @@ def main(argv):
     c = build_config(FLAGS.dataset, loss, seeds[0], config_flags=FLAGS.config_flags,
                      steps=FLAGS.steps, eval_every=FLAGS.eval_every, overrides=FLAGS.set)
     batches[loss] = f"{c.classes_per_batch} x {c.samples_per_class}"
+  batches.update({b: "untrained" for b in baselines})
   table = write_tables(results, summary, output_dir, dataset=FLAGS.dataset, config=config,
                        command=command, chance=chance, batches=batches,
                        config_flags=FLAGS.config_flags)

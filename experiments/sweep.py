@@ -83,6 +83,12 @@ SURVEY_LOSSES = tuple(LOSS_LABELS)[:9]
 # The later baselines (--losses=margin,supcon,arcface,cosface,subcenter_arcface), on the same
 # P x K batches as the survey's losses.
 POST_SURVEY_LOSSES = ("margin", "supcon", "arcface", "cosface", "subcenter_arcface")
+# The untrained networks that the tables show beside the losses (config flags of the CPU photo
+# recipe, rankjax.configs.CPU_PHOTO_BASELINES), with their display names.
+BASELINE_LABELS = {
+    "imagenet_features": "ImageNet features, untrained",
+    "random_init": "random initialisation, untrained",
+}
 
 
 def define_common_flags(keep_checkpoints_help: str) -> None:

@@ -83,6 +83,6 @@ def load_embedder(workdir: str, *, which: str = "latest",
                                         image_size=config.image_size,
                                         num_channels=spec.num_channels)
       out.append(np.asarray(jax.device_get(embed_fn(variables, pixels))))
-    return np.concatenate(out) if out else np.zeros((0, config.model.embedding_dim), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, model.head.embedding_dim), np.float32)
 
   return embed

@@ -120,9 +120,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "config.eval.every=0.")
   model = build_model(config, info)
   train_graphdef, eval_graphdef, params, model_state = split_model(model)
-  loss_params = init_loss_params(config, info)
+  embedding_dim = model.head.embedding_dim
+  loss_params = init_loss_params(config, info, embedding_dim=embedding_dim)
   logging.info("Model %s: %s parameters, %d-d embeddings (%s); loss %s %s%s.", config.model.name,
-               f"{sum(x.size for x in jax.tree.leaves(params)):,}", config.model.embedding_dim,
+               f"{sum(x.size for x in jax.tree.leaves(params)):,}", embedding_dim,
                "L2-normalised" if configs.normalize_embeddings(config) else "unnormalised",
                config.loss.name, configs.loss_kwargs(config),
                "".join(f", its {k} {tuple(v.shape)}" for k, v in loss_params.items()))
@@ -141,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       loss_learning_rates=loss_params_lib.learning_rates(config.loss.name, config))
   memory = cross_batch.settings(config)
   state = init_state(params, model_state, tx, loss_params=loss_params, xbm=None if memory is None
-                     else cross_batch.init_memory(memory.size, config.model.embedding_dim))
+                     else cross_batch.init_memory(memory.size, embedding_dim))
   if memory is not None:
     logging.info("Cross-batch memory of %d embeddings from step %d on, weight %g.", memory.size,
                  memory.start_step, memory.weight)
@@ -258,18 +259,23 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
       rngs=nnx.Rngs(seeding.stream_key(config.seed, "init")))
 
 
-def init_loss_params(config: ml_collections.ConfigDict, info: Any) -> dict[str, jax.Array]:
+def init_loss_params(config: ml_collections.ConfigDict, info: Any, *,
+                     embedding_dim: int | None = None) -> dict[str, jax.Array]:
   """The loss's own parameters at their start (:mod:`rankjax.loss_params`); ``{}`` for most.
 
   Sized by the training labels (``info.train_classes``, x4 with ``config.rotate_classes``) and
-  ``config.model.embedding_dim``; drawn from their own stream of ``config.seed``
-  (:mod:`rankjax.seeding`).
+  ``embedding_dim`` (default ``config.model.embedding_dim``; the model's ``head.embedding_dim``
+  when that is ``None``); drawn from their own stream of ``config.seed`` (:mod:`rankjax.seeding`).
   """
   if not loss_params_lib.has_params(config.loss.name):
     return {}
+  embedding_dim = embedding_dim or config.model.embedding_dim
+  if embedding_dim is None:
+    raise ValueError(f"loss {config.loss.name!r} has parameters sized by the embedding: pass "
+                     "embedding_dim (the model's head.embedding_dim).")
   return loss_params_lib.init_loss_params(
       config.loss.name, configs.num_train_labels(config, info.train_classes),
-      config.model.embedding_dim, seeding.stream_key(config.seed, "loss_params"),
+      embedding_dim, seeding.stream_key(config.seed, "loss_params"),
       **configs.loss_kwargs(config))
 
 

@@ -300,6 +300,20 @@ def test_photo_configs(name, arg, dataset):
   small = _config(name, arg + ",runlocal")
   configs.check_config(small)
   assert small.train.steps < 10
+  # The untrained baselines: pooled features (no head) of the ImageNet and of a random network.
+  for baseline, pretrained in (("imagenet_features", "imagenet"), ("random_init", None)):
+    base = _config(name, f"{arg},{baseline}")
+    configs.check_config(base)
+    assert (base.train.steps, base.eval.every, base.model.embedding_dim) == (0, 0, None)
+    assert base.model.pretrained == pretrained and base.dataset == dataset
+  with pytest.raises(ValueError, match="choose one baseline"):
+    _config(name, f"{arg},imagenet_features,random_init")
+
+
+@pytest.mark.parametrize("name", ["cars196", "cub200"])
+def test_baselines_of_the_fine_grained_sets_need_offline(name):
+  with pytest.raises(ValueError, match="baselines of the CPU recipe: add 'offline'"):
+    _config(name, "npairs,imagenet_features")
 
 
 def test_folder_config_trains_and_selects_on_validation(tmp_path):
@@ -313,9 +327,12 @@ def test_folder_config_trains_and_selects_on_validation(tmp_path):
   report = json.loads((tmp_path / "run" / train.METRICS_FILE).read_text())
   assert report["checkpoint"] == "best" and "val/recall@1" in report
   assert all(np.isfinite(v) for v in metrics.values())
-  # train.steps=0 evaluates the network as it is.
+  # train.steps=0 evaluates the network as it is; embedding_dim=None on its pooled features.
   config.train.steps = 0
   untrained = train.train_and_evaluate(config, str(tmp_path / "untrained"))
   assert set(untrained) == set(metrics)
   report = json.loads((tmp_path / "untrained" / train.METRICS_FILE).read_text())
   assert report["checkpoint"] == "final" and report["checkpoint_step"] == 0
+  config.model.embedding_dim = None
+  pooled = train.train_and_evaluate(config, str(tmp_path / "pooled"))
+  assert set(pooled) == set(metrics) and pooled != untrained

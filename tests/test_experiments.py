@@ -204,6 +204,44 @@ def test_compare_losses_end_to_end_and_resume(tmp_path, cache):
   assert open(os.path.join(out, "results.csv")).read() == before
 
 
+def test_compare_losses_puts_the_untrained_baselines_in_the_table(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for c in range(20):  # 10 train (2 of them validate), 10 test.
+    os.makedirs(tmp_path / "root" / f"c{c:02d}")
+    for i in range(6):
+      Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+          tmp_path / "root" / f"c{c:02d}" / f"{i}.png")
+  flags = "runlocal"
+  assert compare_losses.available_baselines("folder", config_flags=flags) == list(
+      sweep.BASELINE_LABELS)
+  assert compare_losses.available_baselines("digits") == []  # Its config has no such flags.
+  with pytest.raises(ValueError, match="--baselines: unknown 'imagenet'"):
+    compare_losses.build_baseline_config("folder", "imagenet", 0)
+  out = str(tmp_path / "out")
+  overrides = [f"dataset=folder:{tmp_path / 'root'}", f"data_dir={tmp_path / 'tfds'}"]
+  baselines = list(sweep.BASELINE_LABELS)
+  results = compare_losses.run_sweep("folder", ["npairs"], [0], out, config_flags=flags,
+                                     overrides=overrides, baselines=baselines, log=lambda *a, **k: 0)
+  assert list(results) == baselines + ["npairs"]
+  for name in baselines:
+    report = json.load(open(os.path.join(out, "runs", name, "seed0", "metrics.json")))
+    assert report["checkpoint_step"] == 0 and "val/recall@1" not in report
+  trained = json.load(open(os.path.join(out, "runs", "npairs", "seed0", "metrics.json")))
+  assert trained["checkpoint_step"] > 0
+  config = compare_losses.build_config("folder", "npairs", 0, config_flags=flags,
+                                       overrides=overrides)
+  summary = compare_losses.summarise(results)
+  table = compare_losses.write_tables(
+      results, summary, out, dataset="folder", config=config, command="cmd", chance=None,
+      batches={"npairs": "4 x 2", **{b: "untrained" for b in baselines}}, config_flags=flags)
+  for label in sweep.BASELINE_LABELS.values():
+    assert f"| {label} | untrained |" in table
+  assert {r["loss"] for r in _csv(os.path.join(out, "results.csv"))} == set(results)
+  compare_losses.write_plots(results, summary, out, dataset="folder", config=config, chance=None)
+  assert os.path.getsize(os.path.join(out, "training_curves.png")) > 0
+
+
 def test_stability_end_to_end(tmp_path, cache):
   out = str(tmp_path / "stability")
   args = ["--losses=triplet_hard,npairs", "--learning_rates=0.5", "--batch_sizes=10,20",

@@ -261,6 +261,20 @@ def test_head_matches_numpy_formula(pooling, normalize):
   np.testing.assert_allclose(head(jnp.asarray(f)), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", ["avg", "avg_max"])
+def test_head_without_projection_gives_the_pooled_features(pooling):
+  head = models.EmbeddingHead(5, None, pooling=pooling, normalize=True, rngs=nnx.Rngs(0))
+  assert head.embedding_dim == 5 and not nnx.state(head, nnx.Param)
+  f = np.asarray(_images((4, 3, 2, 5)))
+  pooled = f.mean(axis=(1, 2)) + (f.max(axis=(1, 2)) if pooling == "avg_max" else 0.0)
+  expected = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+  np.testing.assert_allclose(head(jnp.asarray(f)), expected, rtol=1e-5, atol=1e-6)
+  model = models.get_model("conv4", num_channels=1, embedding_dim=None, rngs=nnx.Rngs(0),
+                           backbone_options={"width": 8})
+  assert model(_images((2, 28, 28, 1))).shape == (2, model.backbone.num_features)
+  assert model.head.embedding_dim == model.backbone.num_features
+
+
 def test_normalized_embeddings_have_unit_norm():
   model = models.get_model("conv4", num_channels=1, normalize=True, rngs=nnx.Rngs(0),
                            backbone_options={"width": 8})
@@ -283,8 +297,9 @@ def test_head_is_float32_and_rejects_bad_options():
   assert head(jnp.ones((2, 2, 2, 4), jnp.bfloat16)).dtype == jnp.float32
   with pytest.raises(ValueError, match="pooling='max'"):
     models.EmbeddingHead(4, 3, pooling="max", rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="embedding_dim"):
-    models.EmbeddingHead(4, 0, rngs=nnx.Rngs(0))
+  for bad in (0, True, 2.0):
+    with pytest.raises(ValueError, match="embedding_dim must be a positive integer or None"):
+      models.EmbeddingHead(4, bad, rngs=nnx.Rngs(0))
 
 
 # ---------------------------------------------------------------- BatchNorm modes

@@ -32,7 +32,9 @@ train-annotation half (8,144 images, all 196 classes, about half of each class's
 ``cars196/<NNN>_<Make_Model_Year>/*.jpg``): classes 1-98 train (the last 20 of them validate),
 99-196 (4,092 images) test. Unpack the tar into DATA_DIR; the CPU recipe
 is :func:`rankjax.configs.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at 112 px).
-Numbers from it are of that partial set, not the full benchmark::
+``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained baselines
+(pooled features of the ImageNet network, and of a random one). Numbers from it are of that
+partial set, not the full benchmark::
 
   tar xf cars196_half.tar -C DATA_DIR
   python -m rankjax.main --config=experiments/configs/cars196.py:npairs,offline \
@@ -44,7 +46,11 @@ from rankjax import configs
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard",
-                                  allowed_flags=configs.FINE_GRAINED_FLAGS + ("offline",))
+                                  allowed_flags=configs.FINE_GRAINED_FLAGS + ("offline",)
+                                  + configs.CPU_PHOTO_BASELINES)
+  if flags & set(configs.CPU_PHOTO_BASELINES) and "offline" not in flags:
+    raise ValueError(f"{', '.join(configs.CPU_PHOTO_BASELINES)} are baselines of the CPU recipe: "
+                     "add 'offline'.")
   if "offline" in flags:
     if flags & {"wang2017", "hermans2017"}:
       raise ValueError("'offline' is the CPU recipe; it does not combine with a published one.")

@@ -13,7 +13,8 @@ training classes are the validation split that chooses the checkpoint
 ``train_classes`` / ``test_classes`` change it). Grayscale and RGB folders; JPEG, PNG, BMP, GIF.
 
 Recipe: :func:`rankjax.configs.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at
-112 px). ``--config.train.steps=0`` evaluates the ImageNet network as it is, without training.
+112 px). ``:<loss>,imagenet_features`` evaluates the ImageNet network's pooled features as they
+are, without training or head; ``:<loss>,random_init`` those of a random network (the baselines).
 ``:<loss>,runlocal`` is a few steps of a tiny ResNet (smoke tests).
 """
 

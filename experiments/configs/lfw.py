@@ -15,8 +15,9 @@ chooses the checkpoint, and the other 840 people (4,126 images) are the test set
 query against all the others (cosine). The 4,069 people with a single image are not used.
 
 Recipe: :func:`rankjax.configs.cpu_photo_recipe` at 112 px (faces are grayscale: the network sees
-the gray channel repeated as RGB). ``--config.train.steps=0`` evaluates the ImageNet network
-untrained; ``:<loss>,runlocal`` is a few steps of a tiny ResNet (smoke tests).
+the gray channel repeated as RGB). ``:<loss>,imagenet_features`` and ``:<loss>,random_init``
+evaluate the baselines (the ImageNet network's pooled features without training, and a random
+network's); ``:<loss>,runlocal`` is a few steps of a tiny ResNet (smoke tests).
 """
 
 from rankjax import configs

@@ -48,7 +48,9 @@ class EmbeddingHead(nnx.Module):
 
   Args:
     in_features: channels of the backbone's last feature map.
-    embedding_dim: size of the embedding.
+    embedding_dim: size of the embedding; ``None`` for no projection, the pooled features
+      themselves (``in_features`` of them: e.g. the ImageNet features of a pretrained backbone, the
+      baseline a metric-learning head has to beat).
     pooling: ``"avg"`` or ``"avg_max"``.
     normalize: L2-normalise the embeddings (a zero embedding stays zero, gradients stay finite).
     rngs: parameter initialisation keys.
@@ -58,13 +60,19 @@ class EmbeddingHead(nnx.Module):
                normalize: bool = False, rngs: nnx.Rngs):
     if pooling not in POOLINGS:
       raise ValueError(f"pooling={pooling!r} is not one of {', '.join(map(repr, POOLINGS))}.")
-    if not isinstance(embedding_dim, int) or embedding_dim < 1:
-      raise ValueError(f"embedding_dim must be a positive integer; got {embedding_dim!r}.")
+    if embedding_dim is not None and (not isinstance(embedding_dim, int) or isinstance(
+        embedding_dim, bool) or embedding_dim < 1):
+      raise ValueError(f"embedding_dim must be a positive integer or None (the pooled features); "
+                       f"got {embedding_dim!r}.")
     self.pooling = pooling
     self.normalize = normalize
-    self.projection = nnx.Linear(in_features, embedding_dim, dtype=jnp.float32,
-                                 kernel_init=layers.linear_kernel_init, rngs=rngs)
+    self.embedding_dim = in_features if embedding_dim is None else embedding_dim
+    self.projection = None if embedding_dim is None else nnx.Linear(
+        in_features, embedding_dim, dtype=jnp.float32, kernel_init=layers.linear_kernel_init,
+        rngs=rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
-    embeddings = self.projection(global_pool(features, self.pooling))
+    embeddings = global_pool(features, self.pooling)
+    if self.projection is not None:
+      embeddings = self.projection(embeddings)
     return l2_normalize(embeddings) if self.normalize else embeddings

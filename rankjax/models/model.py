@@ -131,7 +131,8 @@ def check_image_size(name: str, image_size) -> tuple[int, int]:
 class EmbeddingModel(nnx.Module):
   """``backbone`` (images -> feature map) followed by ``head`` (feature map -> embeddings).
 
-  ``model(images: f32[B, H, W, C]) -> f32[B, embedding_dim]``; float32 whatever the compute dtype.
+  ``model(images: f32[B, H, W, C]) -> f32[B, head.embedding_dim]``; float32 whatever the compute
+  dtype.
   ``model.train()`` normalises with batch statistics and updates the running averages,
   ``model.eval()`` uses the running averages (a model built with ``freeze_batchnorm=True`` uses
   them in both modes). The two submodules let an optimizer give the head its own learning rate by
@@ -214,7 +215,7 @@ def gray_input_transform(rgb_transform):
   return (tuple(float(v) for v in new_scale), tuple(float(v) for v in new_offset), False)
 
 
-def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
+def get_model(name: str, *, embedding_dim: int | None = 128, num_channels: int = 3,
               pooling: str = "avg", normalize: bool = False, freeze_batchnorm: bool = False,
               dtype=jnp.float32, pretrained: str | os.PathLike | None = None,
               rngs: nnx.Rngs | int, backbone_options: dict | None = None) -> EmbeddingModel:
@@ -222,7 +223,8 @@ def get_model(name: str, *, embedding_dim: int = 128, num_channels: int = 3,
 
   Args:
     name: one of :data:`MODEL_NAMES`.
-    embedding_dim: size of the embeddings.
+    embedding_dim: size of the embeddings; ``None``: no projection, the backbone's pooled
+      features are the embeddings (``model.head.embedding_dim`` of them).
     num_channels: channels of the input images (1 for grayscale).
     pooling: ``"avg"`` (global average) or ``"avg_max"`` (average + max, as Proxy-Anchor).
     normalize: L2-normalise the embeddings.
