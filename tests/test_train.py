@@ -537,3 +537,40 @@ def test_periodic_evaluation_without_a_validation_split_is_an_error(tmp_path):
   config.eval.every = 2
   with pytest.raises(ValueError, match="has none under this protocol"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+# --- The post-survey losses with parameters, end to end. ---
+
+
+def _saved_loss_params(workdir, step):
+  """The loss parameters of ``workdir``'s checkpoint at ``step``, as numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.abspath(workdir), checkpoint.LATEST_DIR, str(step), "training")
+  ckptr = ocp.StandardCheckpointer()
+  metadata = ckptr.metadata(path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  full = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  return jax.tree.map(np.asarray, ckptr.restore(path, full)["loss_params"])
+
+
+@pytest.mark.parametrize("loss, shapes", [
+    ("margin", {"beta": (5,)}), ("subcenter_arcface", {"proxies": (5, 3, 16)})])
+def test_losses_with_parameters_train_end_to_end_and_repeat(tmp_path, loss, shapes):
+  config = _load_config_module("digits").get_config(f"{loss},runlocal")
+  config.model.embedding_dim = 16
+  metrics = train.train_and_evaluate(config, str(tmp_path / "a"))
+  assert all(np.isfinite(v) for v in metrics.values())
+  steps = config.train.steps
+  learned = _saved_loss_params(tmp_path / "a", steps)
+  assert {k: v.shape for k, v in learned.items()} == shapes
+  info = type("Info", (), {"num_channels": 1, "train_classes": 5})
+  start = train.init_loss_params(config, info)
+  for name, value in learned.items():
+    assert np.all(np.isfinite(value))
+    assert not np.allclose(value, np.asarray(start[name])), name  # The optimizer moved them.
+  # The same seed gives the same run, margin's per-step sampling key included.
+  again = train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert again == metrics
+  for name, value in _saved_loss_params(tmp_path / "b", steps).items():
+    np.testing.assert_array_equal(value, learned[name])
