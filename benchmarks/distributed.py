@@ -34,8 +34,8 @@ DEFAULT_FLAGS = ("--config=experiments/configs/digits.py:triplet_semihard",
 
 def steps_per_second(workdir: str) -> float:
   """Median of the ``perf/steps_per_s`` scalars a job wrote, its first window left out."""
-  from rankjax import train  # pylint: disable=g-import-not-at-top
-  rates = train.read_scalars(workdir, "perf/steps_per_s")
+  from rankjax import run_log  # pylint: disable=g-import-not-at-top
+  rates = run_log.read_scalars(workdir, "perf/steps_per_s")
   steps = sorted(rates)[1:]
   if not steps:
     raise RuntimeError(f"{workdir}: fewer than two logged training windows; raise --steps.")

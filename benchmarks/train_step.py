@@ -1,6 +1,6 @@
 r"""Images per second of the full training step, rankjax (JAX) beside PyTorch in the same run.
 
-The step is what :func:`rankjax.train.make_train_step` jits for training: encoder forward in
+The step is what :func:`rankjax.train_state.make_train_step` jits for training: encoder forward in
 training mode (batch statistics), the semi-hard triplet loss (margin 0.2) on the L2-normalised
 embeddings of the whole batch, backward, and an Adam update; timed on one fixed batch already on
 the device (the input pipeline is benchmarked in benchmarks/input_pipeline.py). PyTorch runs the
@@ -38,6 +38,9 @@ from rankjax import configs
 from rankjax import losses
 from rankjax import parallel
 from rankjax import train
+from rankjax.evaluation import embed as eval_embed
+from rankjax import optim
+from rankjax import train_state
 
 # Peak dense bfloat16 FLOP/s by jax.Device.device_kind (vendor data sheets, no sparsity).
 PEAK_BF16_FLOPS = {
@@ -68,13 +71,14 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
     config.model.backbone_options.update(backbone_options)
   configs.with_loss(config, "triplet_semihard")
   model = train.build_model(config, types.SimpleNamespace(num_channels=channels))
-  graphdef, eval_graphdef, params, model_state = train.split_model(model)
-  tx, schedules = train.make_optimizer(config.optimizer, params, total_steps=1000)
+  graphdef, eval_graphdef, params, model_state = train_state.split_model(model)
+  tx, schedules = optim.make_optimizer(config.optimizer, params, total_steps=1000)
   loss_fn = losses.get_loss("triplet_semihard", **configs.loss_kwargs(config))
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
-  state = train.init_state(params, model_state, tx)
+  state = train_state.init_state(params, model_state, tx)
   step, sharding = parallel.jit_data_parallel(
-      train.make_train_step(graphdef, loss_fn, tx, schedules, train.diagnostics_kwargs(config)),
+      train_state.make_train_step(graphdef, loss_fn, tx, schedules,
+                                  train_state.diagnostics_kwargs(config)),
       state, mesh)
   state = jax.device_put(state, sharding)
   rng = np.random.default_rng(0)
@@ -82,9 +86,9 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   labels = np.repeat(np.arange(batch // 4, dtype=np.int32), 4)
   device_batch = parallel.global_batch({"image": images, "label": labels}, mesh)
 
-  embed = train.make_embed_fn(eval_graphdef)
+  embed = eval_embed.make_embed_fn(eval_graphdef)
   forward_flops = matmul_flops(
-      jax.make_jaxpr(embed)(train.model_variables(state), device_batch["image"])) / batch
+      jax.make_jaxpr(embed)(train_state.model_variables(state), device_batch["image"])) / batch
 
   holder = {"state": state}
 

@@ -146,8 +146,8 @@ def run_sweep(dataset: str, losses, seeds, output_dir: str, *, config_flags: str
     log(f"[{i}/{total}] {loss} seed {seed}: {what} ... ", end="")
     result = sweep.run_or_reuse(config, workdir, train_fn=train_fn,
                                 keep_checkpoints=keep_checkpoints)
-    how = ("reused finished run" if result.reused else
-           f"{'evaluated' if loss in sweep.BASELINE_LABELS else 'trained'} in {result.wall_s:.1f} s")
+    verb = "evaluated" if loss in sweep.BASELINE_LABELS else "trained"
+    how = "reused finished run" if result.reused else f"{verb} in {result.wall_s:.1f} s"
     log(f"{how}: " + " ".join(f"{name} {result.metrics[key]:.3f}"
                               for key, name in sweep.REPORTED_METRICS if key in result.metrics))
     results[loss].append(result)

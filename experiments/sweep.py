@@ -322,16 +322,17 @@ def test_embeddings(workdir: str, *, which: str = "latest") -> tuple[np.ndarray,
       run started from (its seed's initialisation; no checkpoint needed).
   """
   # pylint: disable-next=g-import-not-at-top
-  from rankjax import checkpoint, data, embedder, parallel, train
+  from rankjax import checkpoint, data, embedder, parallel, train, train_state
+  from rankjax.evaluation import embed as eval_embed
   config = embedder.load_config(workdir)
   info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
-  _, eval_graphdef, params, model_state = train.split_model(train.build_model(config, info))
+  _, eval_graphdef, params, model_state = train_state.split_model(train.build_model(config, info))
   variables = {"params": params, "model_state": model_state}
   if which != "init":
     variables, _ = checkpoint.restore_model(workdir, variables, which=which)
   mesh = parallel.make_mesh()
-  embed = train.make_eval_embed_fn(eval_graphdef, config, mesh)
-  return train.embed_split(embed, variables, mesh, config)
+  embed = eval_embed.make_eval_embed_fn(eval_graphdef, config, mesh)
+  return eval_embed.embed_split(embed, variables, mesh, config)
 
 
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -506,7 +506,8 @@ def cpu_photo_recipe(dataset: str, loss: str, flags: set[str], *,
   with the head at 10x the backbone's learning rate, 200 steps; only the last 5 MBConv blocks, the
   1280-channel head convolution and the embedding head train (``frozen_blocks=11``). The
   validation split (the last 20% of the training classes) is evaluated every 25 steps and its
-  MAP@R chooses the checkpoint whose test metrics are reported. ``"runlocal"`` shrinks it to a few steps of a tiny network (smoke tests).
+  MAP@R chooses the checkpoint whose test metrics are reported. ``"runlocal"`` shrinks it to a
+  few steps of a tiny network (smoke tests).
 
   The baselines every table shows beside the trained losses, with the same evaluation (``loss``
   only names the run): ``"imagenet_features"``, the pooled 1280-d features of the ImageNet network

@@ -20,6 +20,8 @@ import numpy as np
 from rankjax import checkpoint
 from rankjax import configs
 from rankjax import train
+from rankjax.evaluation import embed as eval_embed
+from rankjax import train_state
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -61,10 +63,10 @@ def load_embedder(workdir: str, *, which: str = "latest",
     spec = data.get_dataset_info(config.dataset, data_dir=config.data_dir,
                                  protocol=config.protocol)
   model = train.build_model(config, spec)
-  _, eval_graphdef, params, model_state = train.split_model(model)
+  _, eval_graphdef, params, model_state = train_state.split_model(model)
   variables, _ = checkpoint.restore_model(
       workdir, {"params": params, "model_state": model_state}, which=which)
-  embed_fn = train.make_eval_embed_fn(eval_graphdef, config)
+  embed_fn = eval_embed.make_eval_embed_fn(eval_graphdef, config)
   chunk = batch_size or config.eval.batch_size
 
   def embed(images: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 from rankjax import augment
 from rankjax import seeding
 from rankjax import configs
-from rankjax import train
+from rankjax import train_state
 
 
 def _images(shape, seed=0):
@@ -77,10 +77,10 @@ def test_bad_ranges_are_errors_in_the_config_check(kwargs, match):
 
 def test_batch_transform_composes_affine_then_class_rotation():
   config = configs.base_config()
-  assert train.make_batch_transform(config) is None
+  assert train_state.make_batch_transform(config) is None
   config.rotate_classes = True
   config.affine.shift = 0.1
-  transform = train.make_batch_transform(config)
+  transform = train_state.make_batch_transform(config)
   batch = {"image": _images((8, 10, 10, 1)), "label": jnp.repeat(jnp.arange(2), 4)}
   out = transform(batch, 5)
   rotated_only = augment.rotate_classes(

@@ -16,6 +16,8 @@ from rankjax import cross_batch
 from rankjax import losses
 from rankjax import parallel
 from rankjax import train
+from rankjax import optim
+from rankjax import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,14 +146,14 @@ def _tiny_xbm_setup(loss_name="triplet_semihard", size=40, start_step=1):
   config.model.embedding_dim = 16
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 0.1
-  graphdef, _, params, model_state = train.split_model(
+  graphdef, _, params, model_state = train_state.split_model(
       train.build_model(config, types.SimpleNamespace(num_channels=1)))
-  tx, schedules = train.make_optimizer(config.optimizer, params, total_steps=10)
+  tx, schedules = optim.make_optimizer(config.optimizer, params, total_steps=10)
   settings = cross_batch.MemorySettings(size=size, start_step=start_step, weight=1.0)
-  step = train.make_train_step(
+  step = train_state.make_train_step(
       graphdef, losses.get_loss(loss_name, **configs.loss_kwargs(config)), tx, schedules,
-      train.diagnostics_kwargs(config), memory=settings)
-  state = train.init_state(params, model_state, tx, xbm=cross_batch.init_memory(size, 16))
+      train_state.diagnostics_kwargs(config), memory=settings)
+  state = train_state.init_state(params, model_state, tx, xbm=cross_batch.init_memory(size, 16))
   return step, jax.device_get(state)
 
 
@@ -208,14 +210,14 @@ def _digits_config(steps):
 def _latest_state(workdir, config):
   from rankjax import data  # pylint: disable=g-import-not-at-top
   info = data.get_dataset_info(config.dataset)
-  _, _, params, model_state = train.split_model(train.build_model(config, info))
-  tx, _ = train.make_optimizer(config.optimizer, params, config.train.steps)
-  state = train.init_state(params, model_state, tx,
+  _, _, params, model_state = train_state.split_model(train.build_model(config, info))
+  tx, _ = optim.make_optimizer(config.optimizer, params, config.train.steps)
+  state = train_state.init_state(params, model_state, tx,
                            xbm=cross_batch.init_memory(config.xbm.size, 64))
   ckpts = checkpoint.Checkpoints(workdir)
   try:
-    variables, training, progress = ckpts.restore_latest(train.model_variables(state),
-                                                         train.training_variables(state))
+    variables, training, progress = ckpts.restore_latest(train_state.model_variables(state),
+                                                         train_state.training_variables(state))
   finally:
     ckpts.close()
   return {**variables, **training}, progress

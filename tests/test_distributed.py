@@ -26,6 +26,7 @@ import sklearn.datasets
 from rankjax import checkpoint
 from rankjax import configs
 from rankjax import train
+from rankjax import run_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "tests", "multiprocess_digits.py")
@@ -151,7 +152,7 @@ def test_two_processes_train_as_one_process_with_as_many_devices(two_processes, 
   (two, two_log), (one, one_log) = two_processes, one_process
   assert "Mesh: 4 devices (2 per host, 2 hosts); global batch 8 = 4 classes x 2." in two_log
   # The same global batches, the same step: the logged losses agree to float rounding.
-  want, got = (train.read_scalars(w, "train/loss") for w in (one, two))
+  want, got = (run_log.read_scalars(w, "train/loss") for w in (one, two))
   assert sorted(got) == sorted(want) == list(range(4, STEPS + 1, 4))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-5)

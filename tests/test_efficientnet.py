@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from rankjax import losses, models, train
+from rankjax import losses, models
+from rankjax import train_state
 from rankjax.models import efficientnet, efficientnet_import, keras_import, layers
 from rankjax.models import model as model_lib
 from rankjax.models import torch_state_dict
@@ -235,11 +236,11 @@ def test_imagenet_top5_holds_a_car_class_on_cars_images_and_random_init_does_not
 
 def _train_once(model, tx, images, labels):
   """One step of rankjax's train step; returns ``(params, model_state)`` before and after."""
-  graphdef, _, params, model_state = train.split_model(model)
+  graphdef, _, params, model_state = train_state.split_model(model)
   loss_fn = losses.get_loss("triplet_semihard", margin=0.2)
-  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, {"backbone": lambda s: 1e-2},
+  step = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, {"backbone": lambda s: 1e-2},
                                        {"distance": "euclidean", "margin": 0.2}))
-  state = train.init_state(params, model_state, tx)
+  state = train_state.init_state(params, model_state, tx)
   new_state, _ = step(state, {"image": images, "label": labels})
   return state, new_state
 

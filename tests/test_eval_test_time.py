@@ -9,7 +9,8 @@ from flax import nnx
 from rankjax import configs
 from rankjax import models
 from rankjax import parallel
-from rankjax import train
+from rankjax.evaluation import embed as eval_embed
+from rankjax import train_state
 from rankjax.evaluation import test_time
 
 
@@ -89,15 +90,15 @@ def test_check_config_names_the_key():
 def test_eval_embed_fn_on_a_device_mesh_averages_the_model_over_views():
   model = models.get_model("conv4", embedding_dim=6, num_channels=1, normalize=False,
                            rngs=nnx.Rngs(0), backbone_options={"width": 8})
-  _, eval_graphdef, params, model_state = train.split_model(model)
+  _, eval_graphdef, params, model_state = train_state.split_model(model)
   variables = {"params": params, "model_state": model_state}
   images = np.random.default_rng(1).normal(size=(8, 20, 20, 1)).astype(np.float32)
   config = configs.base_config()
   config.eval.test_time_shift = 1
   mesh = parallel.make_mesh()
-  got = train.make_eval_embed_fn(eval_graphdef, config, mesh)(
+  got = eval_embed.make_eval_embed_fn(eval_graphdef, config, mesh)(
       variables, parallel.global_batch({"image": images}, mesh)["image"])
-  plain = train.make_embed_fn(eval_graphdef)
+  plain = eval_embed.make_embed_fn(eval_graphdef)
   views = [np.asarray(plain(variables, _numpy_shift(images, dy, dx, 1)))
            for dy, dx in test_time.shift_offsets(1)]
   views = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in views]  # distance="cosine"

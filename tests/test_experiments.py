@@ -222,7 +222,8 @@ def test_compare_losses_puts_the_untrained_baselines_in_the_table(tmp_path):
   overrides = [f"dataset=folder:{tmp_path / 'root'}", f"data_dir={tmp_path / 'tfds'}"]
   baselines = list(sweep.BASELINE_LABELS)
   results = compare_losses.run_sweep("folder", ["npairs"], [0], out, config_flags=flags,
-                                     overrides=overrides, baselines=baselines, log=lambda *a, **k: 0)
+                                     overrides=overrides, baselines=baselines,
+                                     log=lambda *a, **k: 0)
   assert list(results) == baselines + ["npairs"]
   for name in baselines:
     report = json.load(open(os.path.join(out, "runs", name, "seed0", "metrics.json")))

@@ -10,6 +10,8 @@ import pytest
 from rankjax import configs
 from rankjax import parallel
 from rankjax import train
+from rankjax import optim
+from rankjax import train_state
 
 
 def test_mesh_spans_all_devices_on_one_data_axis():
@@ -53,12 +55,13 @@ def _tiny_setup(loss_name):
   config.optimizer.head_learning_rate = 0.5
   config.optimizer.weight_decay = 1e-3
   model = train.build_model(config, types.SimpleNamespace(num_channels=1))
-  graphdef, _, params, model_state = train.split_model(model)
-  tx, schedules = train.make_optimizer(config.optimizer, params, total_steps=10)
+  graphdef, _, params, model_state = train_state.split_model(model)
+  tx, schedules = optim.make_optimizer(config.optimizer, params, total_steps=10)
   from rankjax import losses  # pylint: disable=g-import-not-at-top
   loss_fn = losses.get_loss(loss_name, **configs.loss_kwargs(config))
-  step = train.make_train_step(graphdef, loss_fn, tx, schedules, train.diagnostics_kwargs(config))
-  state = jax.device_get(train.init_state(params, model_state, tx))
+  step = train_state.make_train_step(graphdef, loss_fn, tx, schedules,
+                                     train_state.diagnostics_kwargs(config))
+  state = jax.device_get(train_state.init_state(params, model_state, tx))
   return graphdef, loss_fn, step, state
 
 

@@ -21,6 +21,9 @@ from rankjax import diagnostics
 from rankjax import loss_params
 from rankjax import losses
 from rankjax import train
+from rankjax.evaluation import embed as eval_embed
+from rankjax import optim
+from rankjax import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
@@ -48,7 +51,7 @@ def _params():
 def _first_update(cfg, grads=None, total_steps=10):
   params = _params()
   grads = jax.tree.map(jnp.ones_like, params) if grads is None else grads
-  tx, schedules = train.make_optimizer(cfg, params, total_steps)
+  tx, schedules = optim.make_optimizer(cfg, params, total_steps)
   updates, _ = tx.update(grads, tx.init(params), params)
   return jax.device_get(updates), schedules
 
@@ -114,7 +117,7 @@ def test_rmsprop_and_momentum_first_steps():
   # sgd with momentum 0.9 over two steps of the same gradient: -lr g, then -lr (1 + 0.9) g.
   cfg = _optimizer_config(name="sgd", momentum=0.9, learning_rate=0.1)
   params = _params()
-  tx, _ = train.make_optimizer(cfg, params, 10)
+  tx, _ = optim.make_optimizer(cfg, params, 10)
   grads = jax.tree.map(jnp.ones_like, params)
   opt_state = tx.init(params)
   _, opt_state = tx.update(grads, opt_state, params)
@@ -132,7 +135,7 @@ def test_gradient_clipping_by_global_norm():
 
 
 def test_param_groups_by_path():
-  groups = train.param_groups(train.trainable_params(_params(), {"proxies": jnp.ones((5, 2)),
+  groups = optim.param_groups(train_state.trainable_params(_params(), {"proxies": jnp.ones((5, 2)),
                                                                  "beta": jnp.ones(())}))
   assert groups["head"]["projection"]["kernel"] == "head"
   assert groups["backbone"]["conv"]["kernel"] == "backbone"
@@ -140,14 +143,15 @@ def test_param_groups_by_path():
 
 
 def test_loss_parameters_get_their_own_learning_rates():
-  params = train.trainable_params(_params(), {"proxies": jnp.ones((5, 2)), "beta": jnp.ones(3)})
+  params = train_state.trainable_params(_params(), {"proxies": jnp.ones((5, 2)),
+                                                    "beta": jnp.ones(3)})
   grads = jax.tree.map(jnp.ones_like, params)
   config = configs.with_loss(configs.base_config(), "proxy_anchor")
   for proxy_lr, expected in [(None, 0.1 * configs.PROXY_LEARNING_RATE_MULTIPLIER), (0.5, 0.5)]:
     config.optimizer = _optimizer_config(name="sgd", momentum=0.0, learning_rate=0.1,
                                          proxy_learning_rate=proxy_lr)
     rates = {**loss_params.learning_rates("proxy_anchor", config), "beta": 0.01}
-    tx, schedules = train.make_optimizer(config.optimizer, params, 10, loss_learning_rates=rates)
+    tx, schedules = optim.make_optimizer(config.optimizer, params, 10, loss_learning_rates=rates)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["loss"]["proxies"], -expected, rtol=1e-6)
     np.testing.assert_allclose(updates["loss"]["beta"], -0.01, rtol=1e-6)
@@ -155,10 +159,10 @@ def test_loss_parameters_get_their_own_learning_rates():
     np.testing.assert_allclose(updates["head"]["projection"]["bias"], -0.1, rtol=1e-6)
     assert float(schedules["proxies"](0)) == pytest.approx(expected)
     assert float(schedules["beta"](0)) == pytest.approx(0.01)
-  no_loss_params = train.trainable_params(_params(), {})
-  assert set(train.make_optimizer(config.optimizer, no_loss_params, 10)[1]) == {"backbone", "head"}
+  no_loss_params = train_state.trainable_params(_params(), {})
+  assert set(optim.make_optimizer(config.optimizer, no_loss_params, 10)[1]) == {"backbone", "head"}
   with pytest.raises(ValueError, match=r"parameters \['beta'\] have no learning rate"):
-    train.make_optimizer(config.optimizer, params, 10, loss_learning_rates={"proxies": 1.0})
+    optim.make_optimizer(config.optimizer, params, 10, loss_learning_rates={"proxies": 1.0})
 
 
 def test_training_labels_follow_the_class_rotation():
@@ -174,15 +178,15 @@ def _proxy_anchor_setup(train_classes=6):
   c.model.backbone_options.width = 4
   c.model.embedding_dim = 8
   info = type("Info", (), {"num_channels": 1, "train_classes": train_classes})
-  graphdef, _, params, model_state = train.split_model(train.build_model(c, info))
+  graphdef, _, params, model_state = train_state.split_model(train.build_model(c, info))
   proxies = train.init_loss_params(c, info)
-  tx, schedules = train.make_optimizer(
-      c.optimizer, train.trainable_params(params, proxies), 10,
+  tx, schedules = optim.make_optimizer(
+      c.optimizer, train_state.trainable_params(params, proxies), 10,
       loss_learning_rates=loss_params.learning_rates(c.loss.name, c))
-  step = jax.jit(train.make_train_step(
+  step = jax.jit(train_state.make_train_step(
       graphdef, losses.get_loss("proxy_anchor", **configs.loss_kwargs(c)), tx, schedules,
-      train.diagnostics_kwargs(c)))
-  return c, step, train.init_state(params, model_state, tx, loss_params=proxies)
+      train_state.diagnostics_kwargs(c)))
+  return c, step, train_state.init_state(params, model_state, tx, loss_params=proxies)
 
 
 def test_proxy_anchor_train_step_moves_the_proxies_of_the_batch_and_the_rest():
@@ -208,11 +212,11 @@ def test_loss_parameters_survive_a_checkpoint_round_trip(tmp_path):
            "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
   state, _ = step(state, batch)
   ckpts = checkpoint.Checkpoints(str(tmp_path))
-  ckpts.save(1, train.model_variables(state), train.training_variables(state))
+  ckpts.save(1, train_state.model_variables(state), train_state.training_variables(state))
   ckpts.wait()
   fresh = _proxy_anchor_setup()[2]
-  variables, training, _ = ckpts.restore_latest(train.model_variables(fresh),
-                                                train.training_variables(fresh))
+  variables, training, _ = ckpts.restore_latest(train_state.model_variables(fresh),
+                                                train_state.training_variables(fresh))
   ckpts.close()
   assert set(training) == {"opt_state", "loss_params"}
   np.testing.assert_array_equal(training["loss_params"]["proxies"],
@@ -221,7 +225,7 @@ def test_loss_parameters_survive_a_checkpoint_round_trip(tmp_path):
   for a, b in zip(jax.tree.leaves(training["opt_state"]), jax.tree.leaves(state["opt_state"])):
     np.testing.assert_array_equal(a, b)
   # The embedder's part of the checkpoint holds no proxies.
-  model_only, _ = checkpoint.restore_model(str(tmp_path), train.model_variables(fresh))
+  model_only, _ = checkpoint.restore_model(str(tmp_path), train_state.model_variables(fresh))
   assert "proxies" not in model_only["params"]
 
 
@@ -513,8 +517,8 @@ def test_best_checkpoint_is_chosen_by_the_validation_split(tmp_path):
   from rankjax import data  # pylint: disable=g-import-not-at-top
   info = data.get_dataset_info("digits", protocol=config.protocol)
   assert (info.train_classes, info.val_classes, info.test_classes) == (3, 2, 5)
-  _, eval_graphdef, _, _ = train.split_model(train.build_model(config, info))
-  embed = train.make_eval_embed_fn(eval_graphdef, config)
+  _, eval_graphdef, _, _ = train_state.split_model(train.build_model(config, info))
+  embed = eval_embed.make_eval_embed_fn(eval_graphdef, config)
   images, labels = [], []
   for batch in data.eval_batches("digits", batch_size=128, image_size=16, split="test"):
     images.append(np.asarray(embed(variables, batch["image"]))[batch["mask"]])
@@ -528,7 +532,7 @@ def test_best_checkpoint_is_chosen_by_the_validation_split(tmp_path):
 def _abstract_variables(config):
   from rankjax import data  # pylint: disable=g-import-not-at-top
   info = data.get_dataset_info(config.dataset, protocol=config.protocol)
-  _, _, params, model_state = train.split_model(train.build_model(config, info))
+  _, _, params, model_state = train_state.split_model(train.build_model(config, info))
   return {"params": params, "model_state": model_state}
 
 

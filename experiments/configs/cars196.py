@@ -32,9 +32,9 @@ train-annotation half (8,144 images, all 196 classes, about half of each class's
 ``cars196/<NNN>_<Make_Model_Year>/*.jpg``): classes 1-98 train (the last 20 of them validate),
 99-196 (4,092 images) test. Unpack the tar into DATA_DIR; the CPU recipe
 is :func:`rankjax.configs.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at 112 px).
-``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained baselines
-(pooled features of the ImageNet network, and of a random one). Numbers from it are of that
-partial set, not the full benchmark::
+``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained
+baselines (pooled features of the ImageNet network, and of a random one). Numbers from it are of
+that partial set, not the full benchmark::
 
   tar xf cars196_half.tar -C DATA_DIR
   python -m rankjax.main --config=experiments/configs/cars196.py:npairs,offline \

@@ -31,9 +31,9 @@ batch-hard recipe of Hermans et al. 2017 (P = 18, K = 4, soft margin) are flags 
 classes (2,889 images; ``cub200/<NNN.Name>/*.jpg``): classes 1-25 train (the last 5 of them
 validate), 26-50 test. Unpack the tar into DATA_DIR; the CPU recipe
 is :func:`rankjax.configs.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at 112 px).
-``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained baselines
-(pooled features of the ImageNet network, and of a random one). Numbers from it are of that
-partial set, not the full benchmark::
+``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained
+baselines (pooled features of the ImageNet network, and of a random one). Numbers from it are of
+that partial set, not the full benchmark::
 
   tar xf cub200_first50.tar -C DATA_DIR
   python -m rankjax.main --config=experiments/configs/cub200.py:npairs,offline \
