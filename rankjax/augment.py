@@ -9,6 +9,9 @@ r"""Training augmentations applied on the device, inside the jitted step, to a w
 Both are pure functions of ``(batch, step)`` and a base key, so a resumed run sees the same
 batches, and both work on the global batch whatever its sharding (no host round trip: at 28 px a
 CPU input pipeline would cost as much as the training step).
+
+An image's whole way to the encoder, in training and at test time, is one page of the
+documentation: ``docs/images.md``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ r"""Image preprocessing for metric learning, as the papers do it (TensorFlow ops
 * **Normalisation**: RGB images use the ImageNet mean and standard deviation (the encoders are
   ImageNet-pretrained); grayscale images stay single-channel and map [0, 255] to [-1, 1].
 
+An image's whole way to the encoder, in training and at test time, is one page of the
+documentation: ``docs/images.md``.
+
 Example::
 
   >>> import numpy as np

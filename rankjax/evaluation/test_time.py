@@ -15,6 +15,9 @@ characters by 0.6 to 0.9 points (README).
 
 The views run one after another inside one compiled function (``lax.map``), so memory stays that
 of one batch and the model compiles once.
+
+An image's whole way to the encoder, in training and at test time, is one page of the
+documentation: ``docs/images.md``.
 """
 
 from __future__ import annotations
