@@ -84,7 +84,7 @@ SURVEY_LOSSES = tuple(LOSS_LABELS)[:9]
 # P x K batches as the survey's losses.
 POST_SURVEY_LOSSES = ("margin", "supcon", "arcface", "cosface", "subcenter_arcface")
 # The untrained networks that the tables show beside the losses (config flags of the CPU photo
-# recipe, rankjax.configs.CPU_PHOTO_BASELINES), with their display names.
+# recipe, rankjax.recipes.CPU_PHOTO_BASELINES), with their display names.
 BASELINE_LABELS = {
     "imagenet_features": "ImageNet features, untrained",
     "random_init": "random initialisation, untrained",

@@ -20,7 +20,7 @@ Their R@1 (ResNet-50, 128-d), not reproduced here: triplet semi-hard 61.4, N-pai
 
 The N-pairs / angular recipe of Wang et al. 2017 (64 classes x 2, 512-d, alpha 45, lambda 2) and the
 batch-hard recipe of Hermans et al. 2017 (P = 18, K = 4, soft margin) are flags (details in
-``rankjax.configs.roth2020_recipe``)::
+``rankjax.recipes.roth2020_recipe``)::
 
   python -m rankjax.main --config=experiments/configs/cub200.py:npairs_angular,wang2017 ...
   python -m rankjax.main --config=experiments/configs/cub200.py:triplet_hard,hermans2017 ...
@@ -30,7 +30,7 @@ batch-hard recipe of Hermans et al. 2017 (P = 18, K = 4, soft margin) are flags 
 **Offline, on a CPU** (``:<loss>,offline``): dataset ``cub200_first50``, CUB-200-2011's first 50
 classes (2,889 images; ``cub200/<NNN.Name>/*.jpg``): classes 1-25 train (the last 5 of them
 validate), 26-50 test. Unpack the tar into DATA_DIR; the CPU recipe
-is :func:`rankjax.configs.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at 112 px).
+is :func:`rankjax.recipes.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at 112 px).
 ``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained
 baselines (pooled features of the ImageNet network, and of a random one). Numbers from it are of
 that partial set, not the full benchmark::
@@ -41,18 +41,19 @@ that partial set, not the full benchmark::
 """
 
 from rankjax import configs
+from rankjax import recipes
 
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard",
-                                  allowed_flags=configs.FINE_GRAINED_FLAGS + ("offline",)
-                                  + configs.CPU_PHOTO_BASELINES)
-  if flags & set(configs.CPU_PHOTO_BASELINES) and "offline" not in flags:
-    raise ValueError(f"{', '.join(configs.CPU_PHOTO_BASELINES)} are baselines of the CPU recipe: "
+                                  allowed_flags=recipes.FINE_GRAINED_FLAGS + ("offline",)
+                                  + recipes.CPU_PHOTO_BASELINES)
+  if flags & set(recipes.CPU_PHOTO_BASELINES) and "offline" not in flags:
+    raise ValueError(f"{', '.join(recipes.CPU_PHOTO_BASELINES)} are baselines of the CPU recipe: "
                      "add 'offline'.")
   if "offline" in flags:
     if flags & {"wang2017", "hermans2017"}:
       raise ValueError("'offline' is the CPU recipe; it does not combine with a published one.")
-    return configs.cpu_photo_recipe("cub200_first50", loss, flags - {"offline"})
-  return configs.roth2020_recipe("cub200", loss, flags, steps=7854, eval_every=1000,
+    return recipes.cpu_photo_recipe("cub200_first50", loss, flags - {"offline"})
+  return recipes.roth2020_recipe("cub200", loss, flags, steps=7854, eval_every=1000,
                                  checkpoint_every=1000)

@@ -12,17 +12,18 @@ training classes are the validation split that chooses the checkpoint
 (``--config.protocol.train_fraction``, ``val_fraction``, ``min_images_per_class``, or explicit
 ``train_classes`` / ``test_classes`` change it). Grayscale and RGB folders; JPEG, PNG, BMP, GIF.
 
-Recipe: :func:`rankjax.configs.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at
+Recipe: :func:`rankjax.recipes.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at
 112 px). ``:<loss>,imagenet_features`` evaluates the ImageNet network's pooled features as they
 are, without training or head; ``:<loss>,random_init`` those of a random network (the baselines).
 ``:<loss>,runlocal`` is a few steps of a tiny ResNet (smoke tests).
 """
 
 from rankjax import configs
+from rankjax import recipes
 
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard",
-                                  allowed_flags=configs.CPU_PHOTO_FLAGS)
+                                  allowed_flags=recipes.CPU_PHOTO_FLAGS)
   # The path comes from the command line: "folder" alone is an error that asks for it.
-  return configs.cpu_photo_recipe("folder", loss, flags)
+  return recipes.cpu_photo_recipe("folder", loss, flags)

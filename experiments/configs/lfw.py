@@ -14,16 +14,17 @@ images, sorted by name; the first 840 train, of which the last 168 are the valid
 chooses the checkpoint, and the other 840 people (4,126 images) are the test set, each image a
 query against all the others (cosine). The 4,069 people with a single image are not used.
 
-Recipe: :func:`rankjax.configs.cpu_photo_recipe` at 112 px (faces are grayscale: the network sees
+Recipe: :func:`rankjax.recipes.cpu_photo_recipe` at 112 px (faces are grayscale: the network sees
 the gray channel repeated as RGB). ``:<loss>,imagenet_features`` and ``:<loss>,random_init``
 evaluate the baselines (the ImageNet network's pooled features without training, and a random
 network's); ``:<loss>,runlocal`` is a few steps of a tiny ResNet (smoke tests).
 """
 
 from rankjax import configs
+from rankjax import recipes
 
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_hard",
-                                  allowed_flags=configs.CPU_PHOTO_FLAGS)
-  return configs.cpu_photo_recipe("lfw", loss, flags, image_size=112)
+                                  allowed_flags=recipes.CPU_PHOTO_FLAGS)
+  return recipes.cpu_photo_recipe("lfw", loss, flags, image_size=112)

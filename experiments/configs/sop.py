@@ -20,7 +20,7 @@ Their R@1 (ResNet-50, 128-d), not reproduced here: triplet semi-hard 74.0, N-pai
 
 The N-pairs / angular recipe of Wang et al. 2017 (64 classes x 2, 512-d, alpha 45, lambda 2) and the
 batch-hard recipe of Hermans et al. 2017 (P = 18, K = 4, soft margin) are flags (details in
-``rankjax.configs.roth2020_recipe``)::
+``rankjax.recipes.roth2020_recipe``)::
 
   python -m rankjax.main --config=experiments/configs/sop.py:npairs_angular,wang2017 ...
   python -m rankjax.main --config=experiments/configs/sop.py:triplet_hard,hermans2017 ...
@@ -29,12 +29,13 @@ batch-hard recipe of Hermans et al. 2017 (P = 18, K = 4, soft margin) are flags 
 """
 
 from rankjax import configs
+from rankjax import recipes
 
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard",
-                                  allowed_flags=configs.FINE_GRAINED_FLAGS)
-  c = configs.roth2020_recipe("sop", loss, flags, steps=79756, eval_every=10000,
+                                  allowed_flags=recipes.FINE_GRAINED_FLAGS)
+  c = recipes.roth2020_recipe("sop", loss, flags, steps=79756, eval_every=10000,
                               checkpoint_every=2000)
   if "runlocal" not in flags:
     c.eval.metrics = ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision",
