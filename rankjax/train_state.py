@@ -104,7 +104,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
                     schedules: dict[str, optax.Schedule], diagnostic_kwargs: dict[str, Any], *,
                     batch_transform: Callable[[dict, jax.Array], dict] | None = None,
                     memory: cross_batch.MemorySettings | None = None,
-                    loss_key: jax.Array | None = None
+                    loss_key: jax.Array | None = None, diagnostics_every: int | None = 1
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
 
@@ -116,7 +116,26 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   memory ``state["xbm"]`` (:func:`rankjax.cross_batch.loss_with_memory`), which the step updates,
   and ``metrics["xbm_loss"]`` is that term. A loss that samples (``losses.LOSSES_NEEDING_KEY``)
   gets ``key=fold_in(loss_key, step)``.
+
+  ``diagnostics_every = n > 1`` computes the batch diagnostics only on the steps whose number
+  (counted from 1, after the update) is a multiple of ``n`` -- the steps a trainer that logs every
+  ``n`` steps reports -- and returns NaN for them on the others (``lax.cond``: the other steps do
+  not compute them at all). Average a window of steps with ``nanmean``. ``None``: no diagnostics.
   """
+  if diagnostics_every is not None and (not isinstance(diagnostics_every, int)
+                                        or diagnostics_every < 1):
+    raise ValueError(f"diagnostics_every must be a positive integer or None (no diagnostics); "
+                     f"got {diagnostics_every!r}.")
+
+  def batch_diagnostics(step, embeddings, labels):
+    compute = functools.partial(diagnostics.batch_diagnostics, **diagnostic_kwargs)
+    if diagnostics_every is None:
+      return {}
+    if diagnostics_every == 1:
+      return compute(embeddings, labels)
+    shapes = jax.eval_shape(compute, embeddings, labels)
+    skip = lambda *_: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+    return jax.lax.cond((step + 1) % diagnostics_every == 0, compute, skip, embeddings, labels)
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
     if batch_transform is not None:
@@ -144,7 +163,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     metrics = {"loss": loss, **({"xbm_loss": with_memory["xbm_loss"]} if memory else {}),
                "grad_norm": optax.tree.norm(grads),
                **{f"lr/{k}": s(state["step"]) for k, s in schedules.items()},
-               **diagnostics.batch_diagnostics(embeddings, batch["label"], **diagnostic_kwargs)}
+               **batch_diagnostics(state["step"], embeddings, batch["label"])}
     new_state = {"step": state["step"] + 1, "params": trainable, "model_state": model_state,
                  "opt_state": opt_state, "loss_params": loss_params}
     if memory is not None:

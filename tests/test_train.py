@@ -578,3 +578,36 @@ def test_losses_with_parameters_train_end_to_end_and_repeat(tmp_path, loss, shap
   assert again == metrics
   for name, value in _saved_loss_params(tmp_path / "b", steps).items():
     np.testing.assert_array_equal(value, learned[name])
+
+
+def test_diagnostics_every_n_steps_computes_them_on_those_steps_only():
+  c = configs.base_config()
+  configs.with_loss(c, "triplet_semihard")
+  c.model.backbone_options.width = 4
+  c.model.embedding_dim = 8
+  info = type("Info", (), {"num_channels": 1, "train_classes": 4})
+  graphdef, _, params, model_state = train_state.split_model(train.build_model(c, info))
+  tx, schedules = optim.make_optimizer(c.optimizer, params, 10)
+  loss_fn = losses.get_loss("triplet_semihard", **configs.loss_kwargs(c))
+  batch = {"image": jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
+           "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
+  logged = {}
+  for every in (1, 2, None):
+    step = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, schedules,
+                                               train_state.diagnostics_kwargs(c),
+                                               diagnostics_every=every))
+    state, logged[every] = train_state.init_state(params, model_state, tx), []
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      logged[every].append(jax.device_get(metrics))
+  keys = set(diagnostics.batch_diagnostics(batch["image"].reshape(8, -1), batch["label"]))
+  assert keys <= set(logged[1][0]) and not keys & set(logged[None][0])
+  for i, (every_step, every_other) in enumerate(zip(logged[1], logged[2]), 1):
+    assert every_step["loss"] == every_other["loss"]
+    for key in keys:  # Step 2 (i = 2) computes them, steps 1 and 3 do not.
+      if i == 2:  # The same values, to the rounding of another fusion inside lax.cond.
+        np.testing.assert_allclose(every_other[key], every_step[key], rtol=1e-6, err_msg=key)
+      else:
+        assert np.isnan(every_other[key]), key
+  with pytest.raises(ValueError, match="diagnostics_every must be a positive integer or None"):
+    train_state.make_train_step(graphdef, loss_fn, tx, schedules, {}, diagnostics_every=0)
