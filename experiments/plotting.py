@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 
-def _colors(n: int):
+def colors(n: int):
   cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
   return [cmap(i % cmap.N) for i in range(n)]
 
@@ -46,7 +46,7 @@ def recall_at_k_bars(summary: Mapping[str, Mapping[int, tuple[float, float]]], *
   ks = sorted({k for v in summary.values() for k in v})
   width = 0.8 / max(len(labels), 1)
   x = np.arange(len(ks))
-  for i, (label, color) in enumerate(zip(labels, _colors(len(labels)))):
+  for i, (label, color) in enumerate(zip(labels, colors(len(labels)))):
     means = [summary[label].get(k, (np.nan, np.nan))[0] for k in ks]
     stds = [summary[label].get(k, (np.nan, np.nan))[1] for k in ks]
     name = label if n_seeds is None else f"{label} (n={n_seeds[label]})"
@@ -105,7 +105,7 @@ def training_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[np.ndarray,
     The matplotlib figure.
   """
   labels = list(curves)
-  colors = dict(zip(labels, _colors(len(labels))))
+  colors = dict(zip(labels, colors(len(labels))))
   n_panels = 1 + len(labels)
   ncols = min(4, n_panels + 1)
   nrows = int(np.ceil((n_panels + 1) / ncols))
