@@ -19,18 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-import types
 
 import jax
-import numpy as np
 
-from rankjax import configs
-from rankjax import losses
-from rankjax import optim
-from rankjax import parallel
-from rankjax import train
-from rankjax import train_state
+import train_step  # benchmarks/train_step.py: the shared train-step harness.
 
 # (model, image size, channels, batch): the small encoder of the digits / Omniglot runs, and
 # ResNet-50 at a CPU-sized 64 px.
@@ -39,42 +31,6 @@ SHAPES = {
     "resnet50": ("resnet50", 64, 3, 32),
 }
 NEVER = 10**9
-
-
-def make_run(model_name, *, image_size, channels, batch, diagnostics_every):
-  """``run(n) -> seconds`` for ``n`` train steps of the semi-hard triplet loss with Adam."""
-  config = configs.base_config()
-  config.model.name = model_name
-  config.image_size = image_size
-  configs.with_loss(config, "triplet_semihard")
-  model = train.build_model(config, types.SimpleNamespace(num_channels=channels))
-  graphdef, _, params, model_state = train_state.split_model(model)
-  tx, schedules = optim.make_optimizer(config.optimizer, params, total_steps=1000)
-  loss_fn = losses.get_loss("triplet_semihard", **configs.loss_kwargs(config))
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  state = train_state.init_state(params, model_state, tx)
-  step, sharding = parallel.jit_data_parallel(
-      train_state.make_train_step(graphdef, loss_fn, tx, schedules,
-                                  train_state.diagnostics_kwargs(config),
-                                  diagnostics_every=diagnostics_every),
-      state, mesh)
-  holder = {"state": jax.device_put(state, sharding)}
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(batch, image_size, image_size, channels)).astype(np.float32)
-  labels = np.repeat(np.arange(batch // 4, dtype=np.int32), 4)
-  device_batch = parallel.global_batch({"image": images, "label": labels}, mesh)
-
-  def run(n):
-    state = holder["state"]
-    start = time.perf_counter()
-    for _ in range(n):
-      state, metrics = step(state, device_batch)
-    jax.block_until_ready((state, metrics))
-    holder["state"] = state
-    return time.perf_counter() - start
-
-  run(2)  # Compile and warm up.
-  return run
 
 
 def main():
@@ -92,8 +48,10 @@ def main():
         f"{'none':>8} {'diagnostics share':>17}")
   for name in args.models:
     model_name, size, channels, batch = SHAPES[name]
-    runs = {every: make_run(model_name, image_size=size, channels=channels, batch=batch,
-                            diagnostics_every=every) for every in (1, NEVER, None)}
+    runs = {every: train_step.jax_step(model_name, image_size=size, channels=channels,
+                                       batch=batch, dtype="float32",
+                                       diagnostics_every=every)[0]
+            for every in (1, NEVER, None)}
     best = {every: float("inf") for every in runs}
     for _ in range(args.repeats):
       for every, run in runs.items():

@@ -56,10 +56,11 @@ PEAK_BF16_FLOPS = {
 
 
 def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options=None,
-             num_devices=1, freeze_batchnorm=False):
+             num_devices=1, freeze_batchnorm=False, diagnostics_every=1):
   """``(run(n) -> seconds for n steps, forward FLOPs per image)`` for the rankjax train step.
 
-  The step runs data-parallel over the first ``num_devices`` devices (the batch split among them).
+  The step runs data-parallel over the first ``num_devices`` devices (the batch split among them);
+  ``diagnostics_every`` as in :func:`rankjax.train_state.make_train_step`.
   """
   config = configs.base_config()
   config.model.name = model_name
@@ -78,7 +79,8 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   state = train_state.init_state(params, model_state, tx)
   step, sharding = parallel.jit_data_parallel(
       train_state.make_train_step(graphdef, loss_fn, tx, schedules,
-                                  train_state.diagnostics_kwargs(config)),
+                                  train_state.diagnostics_kwargs(config),
+                                  diagnostics_every=diagnostics_every),
       state, mesh)
   state = jax.device_put(state, sharding)
   rng = np.random.default_rng(0)
