@@ -79,18 +79,8 @@ def roth2020_recipe(dataset: str, loss: str, flags: set[str], *, steps: int,
     c.train.steps = 25000
     c.loss.triplet_hard.soft = True
   if "runlocal" in flags:
-    c.image_size = 64
-    c.classes_per_batch, c.samples_per_class = 4, 2
-    c.model.name = "resnet_tiny"
-    c.model.pretrained = None
-    c.model.freeze_batchnorm = False
-    c.model.dtype = "float32"
+    _runlocal(c, image_size=64, eval_every=0)
     c.optimizer.learning_rate = 1e-3
-    c.train.steps = 4
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.every = 0
-    c.eval.batch_size = 16
   return c
 
 
@@ -141,17 +131,7 @@ def cpu_photo_recipe(dataset: str, loss: str, flags: set[str], *,
   c.eval.batch_size = 128
   configs.with_loss(c, loss)
   if "runlocal" in flags:
-    c.image_size = 32
-    c.classes_per_batch, c.samples_per_class = 4, 2
-    c.model.name = "resnet_tiny"
-    c.model.pretrained = None
-    c.model.freeze_batchnorm = False
-    c.model.backbone_options = ml_collections.ConfigDict()
-    c.train.steps = 4
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.every = 2
-    c.eval.batch_size = 16
+    _runlocal(c, image_size=32, eval_every=2)
   if flags & set(CPU_PHOTO_BASELINES):
     if len(flags & set(CPU_PHOTO_BASELINES)) > 1:
       raise ValueError(f"choose one baseline of {', '.join(CPU_PHOTO_BASELINES)}; got "
@@ -162,3 +142,19 @@ def cpu_photo_recipe(dataset: str, loss: str, flags: set[str], *,
     if "random_init" in flags:
       c.model.pretrained = None
   return c
+
+
+def _runlocal(c: ml_collections.ConfigDict, *, image_size: int, eval_every: int) -> None:
+  """Shrinks a recipe to a smoke test: 4 steps of a tiny random ResNet on 4 x 2 batches."""
+  c.image_size = image_size
+  c.classes_per_batch, c.samples_per_class = 4, 2
+  c.model.name = "resnet_tiny"
+  c.model.pretrained = None
+  c.model.freeze_batchnorm = False
+  c.model.dtype = "float32"
+  c.model.backbone_options = ml_collections.ConfigDict()
+  c.train.steps = 4
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.eval.every = eval_every
+  c.eval.batch_size = 16
