@@ -227,8 +227,11 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
          "): the encoder's pooled features without a head or any training, with the same "
          "evaluation; what the metric learning adds is the difference.", ""]
         if any(b in sweep.BASELINE_LABELS for b in results) else []),
-      f"Mean ± sample standard deviation (ddof = 1) over {'/'.join(map(str, n_seeds))} seeds "
-      "(model initialisation and batch order); **bold** = best mean in the column."
+      (f"Mean ± sample standard deviation (ddof = 1) over {'/'.join(map(str, n_seeds))} seeds "
+       "(model initialisation and batch order); a row of one run shows its number alone; "
+       "**bold** = best mean in the column." if n_seeds != [1] else
+       "One run (one seed) per row: no spread over seeds yet, so differences between rows "
+       "cannot be weighed against it; **bold** = best in the column.")
       + (f" Chance Recall@1 (random ranking) = {chance:.3f}." if chance is not None else ""),
       "",
   ]
@@ -242,7 +245,8 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
         cells.append("n/a")
         continue
       mean, std = summary[loss][key]
-      cell = sweep.format_mean_std(mean, std)
+      # One run has no spread to show: its number alone.
+      cell = sweep.format_mean_std(mean, std) if len(results[loss]) > 1 else f"{mean:.3f}"
       cells.append(f"**{cell}**" if best[key] is not None and mean == best[key] else cell)
     wall = summary[loss]["wall_s"][0]
     batch = batches.get(loss, "?")

@@ -72,8 +72,12 @@ def write_table(tables: dict[str, dict], path: str, command: str) -> str:
     for d, t in tables.items():
       for key, _ in METRICS:
         row = t.get(name, {})
-        cells.append(sweep.format_mean_std(row[f"{key}_mean"], row[f"{key}_std"])
-                     if f"{key}_mean" in row else "")
+        if f"{key}_mean" not in row:
+          cells.append("")
+        elif row.get("seeds", 0) > 1:
+          cells.append(sweep.format_mean_std(row[f"{key}_mean"], row[f"{key}_std"]))
+        else:  # One run has no spread to show.
+          cells.append(f"{row[f'{key}_mean']:.3f}")
     cells += [str(rank_by[d].get(name, "")) for d in tables]
     lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
   seeds = {d: sorted({int(r["seeds"]) for n, r in t.items() if n in sweep.LOSS_LABELS})
