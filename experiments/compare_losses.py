@@ -221,7 +221,11 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       f"{sweep.describe_optimization(config)}, "
       "each loss at its paper's hyper-parameters (rankjax/configs.py). Test: retrieval on the "
       f"held-out classes (`{config.eval.split}` split), {config.eval.distance} similarity, each "
-      "query's own image excluded." + ("" if config_flags else sweep.sweep_defaults_note(dataset)),
+      "query's own image excluded."
+      + (f" Every {config.eval.every} steps the validation split (classes held out of training) "
+         f"is evaluated and its {config.eval.best_metric} chooses the checkpoint whose test "
+         "metrics are reported." if config.eval.every else "")
+      + ("" if config_flags else sweep.sweep_defaults_note(dataset)),
       "",
       *([f"Untrained rows ({', '.join(_label(b) for b in results if b in sweep.BASELINE_LABELS)}"
          "): the encoder's pooled features without a head or any training, with the same "
