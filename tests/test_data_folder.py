@@ -297,6 +297,10 @@ def test_photo_configs(name, arg, dataset):
   assert config.dataset == dataset
   assert config.eval.every > 0 and config.model.pretrained == "imagenet"
   assert config.loss.name == arg.split(",")[0]
+  # N-pairs needs one pair per class: its batch never asks for more classes than training has.
+  pairs = _config(name, arg.replace(arg.split(",")[0], "npairs"))
+  assert pairs.samples_per_class == 2
+  assert pairs.classes_per_batch <= {"cub200_first50": 20}.get(dataset, 32)
   small = _config(name, arg + ",runlocal")
   configs.check_config(small)
   assert small.train.steps < 10

@@ -29,8 +29,9 @@ batch-hard recipe of Hermans et al. 2017 (P = 18, K = 4, soft margin) are flags 
 
 **Offline, on a CPU** (``:<loss>,offline``): dataset ``cub200_first50``, CUB-200-2011's first 50
 classes (2,889 images; ``cub200/<NNN.Name>/*.jpg``): classes 1-25 train (the last 5 of them
-validate), 26-50 test. Unpack the tar into DATA_DIR; the CPU recipe
-is :func:`rankjax.recipes.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at 112 px).
+validate), 26-50 test; the N-pair family trains on 20 classes x 2, every training class. Unpack
+the tar into DATA_DIR; the CPU recipe is :func:`rankjax.recipes.cpu_photo_recipe` (ImageNet
+EfficientNet-Lite0 fine-tuned at 112 px).
 ``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained
 baselines (pooled features of the ImageNet network, and of a random one). Numbers from it are of
 that partial set, not the full benchmark::
@@ -43,6 +44,8 @@ that partial set, not the full benchmark::
 from rankjax import configs
 from rankjax import recipes
 
+OFFLINE_TRAIN_CLASSES = 20  # cub200_first50: classes 1-25 train, the last 5 of them validate.
+
 
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard",
@@ -54,6 +57,10 @@ def get_config(arg: str | None = None):
   if "offline" in flags:
     if flags & {"wang2017", "hermans2017"}:
       raise ValueError("'offline' is the CPU recipe; it does not combine with a published one.")
-    return recipes.cpu_photo_recipe("cub200_first50", loss, flags - {"offline"})
+    c = recipes.cpu_photo_recipe("cub200_first50", loss, flags - {"offline"})
+    if loss in configs.PAIR_BASED_LOSSES and "runlocal" not in flags:
+      # One positive pair per class bounds the N-pair batch by the 20 training classes: 20 x 2.
+      c.classes_per_batch = min(c.classes_per_batch, OFFLINE_TRAIN_CLASSES)
+    return c
   return recipes.roth2020_recipe("cub200", loss, flags, steps=7854, eval_every=1000,
                                  checkpoint_every=1000)
