@@ -283,12 +283,14 @@ def check_references(embeddings: jax.Array, labels: jax.Array, ref_embeddings, r
   if ref_embeddings is None or ref_labels is None:
     given, missing = (("ref_labels", "ref_embeddings") if ref_embeddings is None
                       else ("ref_embeddings", "ref_labels"))
-    raise ValueError(f"{given} was given without {missing}: pass both or neither.")
+    raise ValueError(f"{given} was given without {missing}: give both ref_embeddings and "
+                     "ref_labels (a reference set), or neither (the batch is its own).")
   ref_embeddings, ref_labels = check_embeddings_and_labels(
       ref_embeddings, ref_labels, name="ref_embeddings", labels_name="ref_labels")
   if ref_embeddings.shape[1] != embeddings.shape[1]:
-    raise ValueError(f"ref_embeddings must have the embeddings' dimension {embeddings.shape[1]}; "
-                     f"got shape {tuple(ref_embeddings.shape)}.")
+    raise ValueError(f"ref_embeddings must have the embeddings' dimension {embeddings.shape[1]}: "
+                     f"they have dimension {ref_embeddings.shape[1]} but embeddings have "
+                     f"{embeddings.shape[1]}.")
   if ref_self_index is not None:
     ref_self_index = jnp.asarray(ref_self_index)
     if ref_self_index.shape != labels.shape or not jnp.issubdtype(ref_self_index.dtype,
@@ -312,30 +314,10 @@ def reference_set(embeddings: jax.Array, labels: jax.Array, ref_embeddings=None,
   the batch; every other (anchor, reference) pair counts). A loss leaves the ``self_pairs``
   entries out of both its positives and its negatives. Checks the references where they enter.
   """
-  if (ref_embeddings is None) != (ref_labels is None):
-    raise ValueError("Give both ref_embeddings and ref_labels (a reference set), or neither (the "
-                     "batch is its own reference set).")
-  if ref_embeddings is None:
-    if ref_self_index is not None:
-      raise ValueError("ref_self_index needs ref_embeddings and ref_labels: without references "
-                       "the batch is its own reference set and its diagonal is excluded already.")
+  ref_embeddings, ref_labels, ref_self_index = check_references(
+      embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+  if ref_labels is None:
     return embeddings, labels, jnp.eye(labels.shape[0], dtype=bool)
-  ref_labels = jnp.asarray(ref_labels)
-  if ref_labels.ndim != 1 or not (jnp.issubdtype(ref_labels.dtype, jnp.integer)
-                                  or ref_labels.dtype == jnp.bool_):
-    raise ValueError(f"ref_labels must be integers of rank 1 [num_references]; got shape "
-                     f"{tuple(ref_labels.shape)} and dtype {ref_labels.dtype}.")
-  ref_embeddings = jnp.asarray(ref_embeddings)
-  if ref_embeddings.ndim == 2 and ref_embeddings.shape[0] != ref_labels.shape[0]:
-    raise ValueError(f"ref_embeddings has {ref_embeddings.shape[0]} rows but ref_labels has "
-                     f"{ref_labels.shape[0]} entries.")
-  ref_embeddings, ref_labels = check_embeddings_and_labels(ref_embeddings, ref_labels,
-                                                           name="ref_embeddings")
-  if ref_embeddings.shape[1] != embeddings.shape[1]:
-    raise ValueError(f"ref_embeddings have dimension {ref_embeddings.shape[1]} but embeddings "
-                     f"have {embeddings.shape[1]}.")
-  _, _, ref_self_index = check_references(embeddings, labels, ref_embeddings, ref_labels,
-                                          ref_self_index)
   # Slots with a negative label (an empty slot of a cross-batch memory) pair with nothing, nor
   # does an anchor with its own copy.
   excluded = ~_usable_references(ref_labels, ref_self_index)
