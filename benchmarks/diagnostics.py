@@ -1,15 +1,14 @@
-r"""The share of the batch diagnostics in a train step: computed on every step, or on none.
+r"""The share of the batch diagnostics in a train step: inside every step, or outside it.
 
-The train step (:func:`rankjax.train_state.make_train_step`) reports batch diagnostics (the
+The train step (:func:`rankjax.train_state.make_train_step`) can report batch diagnostics (the
 active-triplet fraction from a pairwise distance matrix and a sorted hinge count, mean distances
-and norms) beside the loss. They are logged every ``config.train.log_every`` steps; this measures
-what computing them on every step costs. Each row times the same step, built twice in the same
-process: with the diagnostics on every step (``diagnostics_every=1``), behind a ``lax.cond`` that
-is false on every timed step (``diagnostics_every`` larger than the run: what logging every n
-steps costs on the other steps), and not built at all (``None``); the three are timed in turns so
-that a change of load on a shared machine falls on all of them. The share is (every step - none)
-/ every step. Best of ``--repeats`` x ``--steps`` steps, on
-one fixed batch::
+and norms) beside the loss. The trainer logs them every ``config.train.log_every`` steps and
+computes them outside the step, on the embeddings the step returns, on those steps only. Each row
+times the same step built three ways in the same process: with the diagnostics inside it
+(``"step"``), without them (``"none"``), and without them followed by the separate jitted call
+that computes them (``"separate"``: what a logged step costs). The three are timed in turns so that
+a change of load on a shared machine falls on all of them. The share is (step - none) / step.
+Best of ``--repeats`` x ``--steps`` steps, on one fixed batch::
 
   python benchmarks/diagnostics.py
   python benchmarks/diagnostics.py --models small_resnet --repeats 3   # quicker
@@ -30,7 +29,7 @@ SHAPES = {
     "small_resnet": ("small_resnet", 28, 1, 128),
     "resnet50": ("resnet50", 64, 3, 32),
 }
-NEVER = 10**9
+VARIANTS = ("step", "none", "separate")
 
 
 def main():
@@ -44,21 +43,21 @@ def main():
         f"load average before: {load}")
   print(f"\nTrain step (semi-hard triplet, Adam), ms per step, best of {args.repeats} x "
         f"{args.steps} steps, the variants timed in turns")
-  print(f"{'model':<13} {'size':>4} {'batch':>5} {'every step':>10} {'cond off':>8} "
-        f"{'none':>8} {'diagnostics share':>17}")
+  print(f"{'model':<13} {'size':>4} {'batch':>5} {'in step':>8} {'none':>8} {'separate':>8} "
+        f"{'share in step':>13}")
   for name in args.models:
     model_name, size, channels, batch = SHAPES[name]
-    runs = {every: train_step.jax_step(model_name, image_size=size, channels=channels,
-                                       batch=batch, dtype="float32",
-                                       diagnostics_every=every)[0]
-            for every in (1, NEVER, None)}
-    best = {every: float("inf") for every in runs}
+    runs = {variant: train_step.jax_step(model_name, image_size=size, channels=channels,
+                                         batch=batch, dtype="float32",
+                                         diagnostics=variant)[0]
+            for variant in VARIANTS}
+    best = {variant: float("inf") for variant in runs}
     for _ in range(args.repeats):
-      for every, run in runs.items():
-        best[every] = min(best[every], run(args.steps) / args.steps)
-    on, off, none = best[1] * 1e3, best[NEVER] * 1e3, best[None] * 1e3
-    print(f"{name:<13} {size:>4} {batch:>5} {on:>10.1f} {off:>8.1f} {none:>8.1f} "
-          f"{(on - none) / on:>16.1%}", flush=True)
+      for variant, run in runs.items():
+        best[variant] = min(best[variant], run(args.steps) / args.steps)
+    step, none, separate = (best[v] * 1e3 for v in VARIANTS)
+    print(f"{name:<13} {size:>4} {batch:>5} {step:>8.1f} {none:>8.1f} {separate:>8.1f} "
+          f"{(step - none) / step:>13.1%}", flush=True)
   load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
   print(f"load average after: {load}")
 

@@ -56,12 +56,16 @@ PEAK_BF16_FLOPS = {
 
 
 def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options=None,
-             num_devices=1, freeze_batchnorm=False, diagnostics_every=1):
+             num_devices=1, freeze_batchnorm=False, diagnostics="step"):
   """``(run(n) -> seconds for n steps, forward FLOPs per image)`` for the rankjax train step.
 
-  The step runs data-parallel over the first ``num_devices`` devices (the batch split among them);
-  ``diagnostics_every`` as in :func:`rankjax.train_state.make_train_step`.
+  The step runs data-parallel over the first ``num_devices`` devices (the batch split among them).
+  ``diagnostics``: ``"step"`` computes the batch diagnostics inside the step, ``"none"`` leaves
+  them out, ``"separate"`` computes them after each step in a jitted call of their own (what the
+  trainer does on the steps it logs).
   """
+  if diagnostics not in ("step", "none", "separate"):
+    raise ValueError(f"diagnostics must be 'step', 'none' or 'separate'; got {diagnostics!r}.")
   config = configs.base_config()
   config.model.name = model_name
   config.model.dtype = dtype
@@ -80,8 +84,17 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   step, sharding = parallel.jit_data_parallel(
       train_state.make_train_step(graphdef, loss_fn, tx, schedules,
                                   train_state.diagnostics_kwargs(config),
-                                  diagnostics_every=diagnostics_every),
-      state, mesh)
+                                  diagnostics=diagnostics == "step",
+                                  batch_outputs=diagnostics == "separate"),
+      state, mesh, batch_outputs=diagnostics == "separate")
+  if diagnostics == "separate":
+    diagnose = jax.jit(train_state.make_diagnostics_fn(train_state.diagnostics_kwargs(config)),
+                       out_shardings=parallel.replicated(mesh))
+    step_and_diagnose = step
+
+    def step(state, batch):
+      state, metrics, outputs = step_and_diagnose(state, batch)
+      return state, {**metrics, **diagnose(outputs["embeddings"], outputs["label"])}
   state = jax.device_put(state, sharding)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(batch, image_size, image_size, channels)).astype(np.float32)

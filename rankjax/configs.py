@@ -200,7 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Training loop.
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1500
-  c.train.log_every = 50
+  c.train.log_every = 50  # Logs the window's mean loss and the batch diagnostics of its last step.
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
 

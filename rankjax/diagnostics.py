@@ -2,8 +2,8 @@ r"""Training diagnostics that show a collapsing or saturated embedding early.
 
 A ranking loss can sit at a plausible value while the embedding has collapsed (all points together:
 every triplet active, positive and negative distances equal) or while it has stopped learning (no
-triplet active). :func:`batch_diagnostics` summarises one batch, inside the jitted train step, so
-the trends show in TensorBoard next to the loss:
+triplet active). :func:`batch_diagnostics` summarises one batch (the trainer computes it on the
+embeddings of each step it logs), so the trends show in TensorBoard next to the loss:
 
 * ``active_triplets``: the fraction of valid triplets :math:`(a, p, n)` (:math:`y_a = y_p \ne y_n`,
   :math:`a \ne p`) with a non-zero hinge, :math:`d_{ap} - d_{an} + m > 0`. With ``margin=0`` it is

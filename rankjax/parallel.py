@@ -137,21 +137,25 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def jit_data_parallel(step: Callable, state: Any, mesh: Mesh, *, donate: bool = True
-                      ) -> tuple[Callable, Any]:
+def jit_data_parallel(step: Callable, state: Any, mesh: Mesh, *, donate: bool = True,
+                      batch_outputs: bool = False) -> tuple[Callable, Any]:
   """Jits ``step(state, batch) -> (state, outputs)`` data-parallel over ``mesh``.
 
   The state (any pytree) is replicated and, with ``donate``, donated (updated in place); the
-  batch is split along its leading axis; the outputs (metrics) are replicated.
+  batch is split along its leading axis; the outputs (metrics) are replicated. With
+  ``batch_outputs``, the step is ``step(state, batch) -> (state, outputs, per_example)`` and
+  ``per_example`` (leading axis the batch) stays split like the batch.
 
   Returns:
     ``(jitted step, state sharding)``; place the initial state with
     ``jax.device_put(state, sharding)``.
   """
   state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
+  out_shardings = (state_sharding, replicated(mesh))
+  if batch_outputs:
+    out_shardings += (batch_sharded(mesh),)
   jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharded(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+                   out_shardings=out_shardings, donate_argnums=(0,) if donate else ())
   return jitted, state_sharding
 
 

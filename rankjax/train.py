@@ -138,11 +138,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_transform = train_state.make_batch_transform(config)
   train_step, state_sharding = parallel.jit_data_parallel(
       train_state.make_train_step(
-          train_graphdef, loss_fn, tx, schedules, train_state.diagnostics_kwargs(config),
+          train_graphdef, loss_fn, tx, schedules, {}, diagnostics=False, batch_outputs=True,
           batch_transform=batch_transform, memory=memory,
           loss_key=(seeding.stream_key(config.seed, "loss")
                     if config.loss.name in losses.LOSSES_NEEDING_KEY else None)),
-      state, mesh)
+      state, mesh, batch_outputs=True)
+  # The batch diagnostics, of the steps that log only (inside the step they would cost a share
+  # of every step).
+  batch_diagnostics = jax.jit(
+      train_state.make_diagnostics_fn(train_state.diagnostics_kwargs(config)),
+      out_shardings=parallel.replicated(mesh))
   state = jax.device_put(state, state_sharding)
 
   # --- Checkpoints: resume where the last run stopped. ---
@@ -185,12 +190,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window = []
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.global_batch(next(batches), mesh)
-    state, step_metrics = train_step(state, batch)
+    state, step_metrics, outputs = train_step(state, batch)
     window.append(step_metrics)
     if step == start_step + 1:
       progress.compiled(state["step"])
     if step % config.train.log_every == 0 or step == total_steps:
       means = {k: float(np.mean(v)) for k, v in run_log.stack_metrics(window).items()}
+      diagnosed = batch_diagnostics(outputs["embeddings"], outputs["label"])
+      means.update({k: float(v) for k, v in jax.device_get(diagnosed).items()})
       window = []
       logging.info("%s | %s", progress(step),
                    " ".join(f"{k} {v:.4g}" for k, v in means.items() if "/" not in k))

@@ -104,8 +104,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
                     schedules: dict[str, optax.Schedule], diagnostic_kwargs: dict[str, Any], *,
                     batch_transform: Callable[[dict, jax.Array], dict] | None = None,
                     memory: cross_batch.MemorySettings | None = None,
-                    loss_key: jax.Array | None = None, diagnostics_every: int | None = 1
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    loss_key: jax.Array | None = None, diagnostics: bool = True,
+                    batch_outputs: bool = False) -> Callable[..., tuple]:
   """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
 
   ``batch`` is ``{"image": f32[B, H, W, C], "label": int[B]}``; jit it with the shardings of
@@ -117,25 +117,14 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   and ``metrics["xbm_loss"]`` is that term. A loss that samples (``losses.LOSSES_NEEDING_KEY``)
   gets ``key=fold_in(loss_key, step)``.
 
-  ``diagnostics_every = n > 1`` computes the batch diagnostics only on the steps whose number
-  (counted from 1, after the update) is a multiple of ``n`` -- the steps a trainer that logs every
-  ``n`` steps reports -- and returns NaN for them on the others (``lax.cond``: the other steps do
-  not compute them at all). Average a window of steps with ``nanmean``. ``None``: no diagnostics.
+  ``diagnostics=False`` leaves the batch diagnostics out of the step. ``batch_outputs=True``
+  makes it ``step(state, batch) -> (state, metrics, outputs)`` with ``outputs = {"embeddings":
+  f32[B, D], "label": int[B]}`` (the labels after ``batch_transform``), from which
+  :func:`make_diagnostics_fn` computes the diagnostics outside the step: the trainer does that on
+  the steps it logs only, since inside the step they cost a share of every step
+  (measured by benchmarks/diagnostics.py).
   """
-  if diagnostics_every is not None and (not isinstance(diagnostics_every, int)
-                                        or diagnostics_every < 1):
-    raise ValueError(f"diagnostics_every must be a positive integer or None (no diagnostics); "
-                     f"got {diagnostics_every!r}.")
-
-  def batch_diagnostics(step, embeddings, labels):
-    compute = functools.partial(diagnostics.batch_diagnostics, **diagnostic_kwargs)
-    if diagnostics_every is None:
-      return {}
-    if diagnostics_every == 1:
-      return compute(embeddings, labels)
-    shapes = jax.eval_shape(compute, embeddings, labels)
-    skip = lambda *_: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
-    return jax.lax.cond((step + 1) % diagnostics_every == 0, compute, skip, embeddings, labels)
+  compute_diagnostics = make_diagnostics_fn(diagnostic_kwargs)
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
     if batch_transform is not None:
@@ -163,14 +152,26 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     metrics = {"loss": loss, **({"xbm_loss": with_memory["xbm_loss"]} if memory else {}),
                "grad_norm": optax.tree.norm(grads),
                **{f"lr/{k}": s(state["step"]) for k, s in schedules.items()},
-               **batch_diagnostics(state["step"], embeddings, batch["label"])}
+               **(compute_diagnostics(embeddings, batch["label"]) if diagnostics else {})}
     new_state = {"step": state["step"] + 1, "params": trainable, "model_state": model_state,
                  "opt_state": opt_state, "loss_params": loss_params}
     if memory is not None:
       new_state["xbm"] = with_memory["xbm"]
+    if batch_outputs:
+      return new_state, metrics, {"embeddings": embeddings, "label": batch["label"]}
     return new_state, metrics
 
   return step
+
+
+def make_diagnostics_fn(diagnostic_kwargs: dict[str, Any]
+                        ) -> Callable[[jax.Array, jax.Array], dict[str, jax.Array]]:
+  """``fn(embeddings f32[B, D], labels int[B]) -> dict``: the batch diagnostics of one batch.
+
+  :func:`rankjax.diagnostics.batch_diagnostics` with ``diagnostic_kwargs`` (from
+  :func:`diagnostics_kwargs`) bound; jit it, or call it inside a jitted step.
+  """
+  return functools.partial(diagnostics.batch_diagnostics, **diagnostic_kwargs)
 
 
 def make_batch_transform(config: ml_collections.ConfigDict

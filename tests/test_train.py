@@ -580,7 +580,7 @@ def test_losses_with_parameters_train_end_to_end_and_repeat(tmp_path, loss, shap
     np.testing.assert_array_equal(value, learned[name])
 
 
-def test_diagnostics_every_n_steps_computes_them_on_those_steps_only():
+def test_diagnostics_outside_the_step_equal_those_inside_it():
   c = configs.base_config()
   configs.with_loss(c, "triplet_semihard")
   c.model.backbone_options.width = 4
@@ -591,23 +591,21 @@ def test_diagnostics_every_n_steps_computes_them_on_those_steps_only():
   loss_fn = losses.get_loss("triplet_semihard", **configs.loss_kwargs(c))
   batch = {"image": jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
            "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
-  logged = {}
-  for every in (1, 2, None):
-    step = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, schedules,
-                                               train_state.diagnostics_kwargs(c),
-                                               diagnostics_every=every))
-    state, logged[every] = train_state.init_state(params, model_state, tx), []
-    for _ in range(3):
-      state, metrics = step(state, batch)
-      logged[every].append(jax.device_get(metrics))
+  kwargs = train_state.diagnostics_kwargs(c)
+  inside = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, schedules, kwargs))
+  outside = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, schedules, kwargs,
+                                                diagnostics=False, batch_outputs=True))
+  diagnose = jax.jit(train_state.make_diagnostics_fn(kwargs))
+  state_in = state_out = train_state.init_state(params, model_state, tx)
   keys = set(diagnostics.batch_diagnostics(batch["image"].reshape(8, -1), batch["label"]))
-  assert keys <= set(logged[1][0]) and not keys & set(logged[None][0])
-  for i, (every_step, every_other) in enumerate(zip(logged[1], logged[2]), 1):
-    assert every_step["loss"] == every_other["loss"]
-    for key in keys:  # Step 2 (i = 2) computes them, steps 1 and 3 do not.
-      if i == 2:  # The same values, to the rounding of another fusion inside lax.cond.
-        np.testing.assert_allclose(every_other[key], every_step[key], rtol=1e-6, err_msg=key)
-      else:
-        assert np.isnan(every_other[key]), key
-  with pytest.raises(ValueError, match="diagnostics_every must be a positive integer or None"):
-    train_state.make_train_step(graphdef, loss_fn, tx, schedules, {}, diagnostics_every=0)
+  for _ in range(3):
+    state_in, with_diagnostics = inside(state_in, batch)
+    state_out, without, outputs = outside(state_out, batch)
+    assert keys <= set(with_diagnostics) and not keys & set(without)
+    assert outputs["embeddings"].shape == (8, 8)
+    np.testing.assert_array_equal(outputs["label"], batch["label"])
+    np.testing.assert_allclose(without["loss"], with_diagnostics["loss"], rtol=1e-6)
+    separate = diagnose(outputs["embeddings"], outputs["label"])
+    for key in keys:  # The same values, to the rounding of another fusion.
+      np.testing.assert_allclose(separate[key], with_diagnostics[key], rtol=1e-5, atol=1e-7,
+                                 err_msg=key)
