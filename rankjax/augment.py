@@ -21,6 +21,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rankjax.checks import check_affine
+
 
 def rotate_classes(batch: dict[str, jax.Array], step: jax.Array, *, key: jax.Array
                    ) -> dict[str, jax.Array]:
@@ -127,16 +129,6 @@ def random_affine(batch: dict[str, jax.Array], step: jax.Array, *, key: jax.Arra
   pixels = jnp.array(images.shape[1:3], jnp.float32) * shift
   shifts = jax.random.uniform(k_shift, (size, 2), minval=-1.0, maxval=1.0) * pixels
   return {**batch, "image": affine_warp(images, angle, scales, shifts)}
-
-
-def check_affine(rotation_degrees: float, scale: float, shift: float) -> None:
-  """Raises ``ValueError`` for augmentation ranges outside those of :func:`random_affine`."""
-  if not 0 <= rotation_degrees <= 180:
-    raise ValueError(f"affine rotation_degrees must be in [0, 180]; got {rotation_degrees}.")
-  if not 0 <= scale < 1:
-    raise ValueError(f"affine scale must be in [0, 1); got {scale}.")
-  if not 0 <= shift < 1:
-    raise ValueError(f"affine shift must be in [0, 1); got {shift}.")
 
 
 def is_identity(rotation_degrees: float, scale: float, shift: float) -> bool:

@@ -61,9 +61,8 @@ from typing import Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from rankjax import augment as device_augment
+from rankjax import checks
 from rankjax import loss_params
-from rankjax.evaluation import test_time
 
 # The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
 LOSS_DEFAULTS: dict[str, dict] = {
@@ -319,11 +318,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data_shards must be None or a positive integer that divides "
                      f"config.classes_per_batch={config.classes_per_batch}; got {shards!r}.")
   try:
-    test_time.check_max_shift(config.eval.test_time_shift, config.image_size)
+    checks.check_max_shift(config.eval.test_time_shift, config.image_size)
   except ValueError as e:
     raise ValueError(f"config.eval.test_time_shift: {e}") from None
   try:
-    device_augment.check_affine(**config.affine)
+    checks.check_affine(**config.affine)
   except ValueError as e:
     raise ValueError(f"config.affine: {e}") from None
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rankjax import checks
 from rankjax import configs
 from rankjax import models
 from rankjax import parallel
@@ -69,13 +70,13 @@ def test_mean_over_shifts_matches_a_loop_over_views(normalize):
 @pytest.mark.parametrize("bad", [-1, 1.5, "1", None])
 def test_bad_shifts_are_errors(bad):
   with pytest.raises(ValueError, match="integer >= 0"):
-    test_time.check_max_shift(bad)
+    checks.check_max_shift(bad)
 
 
 def test_a_shift_of_half_the_image_is_an_error():
-  assert test_time.check_max_shift(3, 8) == 3
+  assert checks.check_max_shift(3, 8) == 3
   with pytest.raises(ValueError, match="less than half the image size"):
-    test_time.check_max_shift(4, 8)
+    checks.check_max_shift(4, 8)
   with pytest.raises(ValueError, match="less than half"):
     test_time.mean_over_shifts(lambda x: x, jnp.zeros((1, 6, 9, 1)), 3, normalize=False)
 

@@ -22,28 +22,14 @@ documentation: ``docs/images.md``.
 
 from __future__ import annotations
 
-import operator
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rankjax.checks import check_max_shift
 from rankjax.similarity import l2_normalize
-
-
-def check_max_shift(max_shift, image_size=None) -> int:
-  """Returns ``max_shift`` as an int, or raises ``ValueError`` if it is not in ``[0, size / 2)``."""
-  try:
-    shift = operator.index(max_shift)
-  except TypeError:
-    shift = -1
-  if shift < 0:
-    raise ValueError(f"the test-time shift must be an integer >= 0 (pixels); got {max_shift!r}.")
-  if image_size is not None and 2 * shift >= min(np.atleast_1d(image_size)):
-    raise ValueError(f"a test-time shift of {shift} pixels would move the image out of its "
-                     f"{image_size} px frame; use less than half the image size.")
-  return shift
 
 
 def shift_offsets(max_shift: int) -> np.ndarray:
