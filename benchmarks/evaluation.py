@@ -5,7 +5,10 @@ Omniglot evaluation split), D = 512 and 128, Recall@K for K = 1, 10, 100, 1000. 
 synthetic clusters with SOP-like class sizes (2 to 12 images, about 5.3 per class), L2-normalised,
 so cosine ranking equals faiss's inner product.
 
-For each size, in the same run and each in a fresh process (so that peak memory is its own):
+For each size, in the same run and each in a fresh process (so that peak memory is its own), the
+two alternating ``--repeats`` times (rankjax, faiss, rankjax, faiss, ...) so that a change of load
+on a shared machine falls on both, the best of the repeats reported with the load average before
+the first:
 
 * rankjax: ``retrieval.query_results(x, labels, max_k=1000).metrics(ks)``, which is what
   ``retrieval_metrics(x, labels, ks=ks)`` does, keeping the per-query ranks for the check: the
@@ -41,6 +44,7 @@ _DIMS = flags.DEFINE_list("dims", ["512", "128"], "Embedding widths.")
 _KS = flags.DEFINE_list("ks", ["1", "10", "100", "1000"], "The K of Recall@K.")
 _FAISS_THREADS = flags.DEFINE_integer("faiss_threads", 2, "OpenMP threads of faiss.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Fresh processes of each, alternating; best kept.")
 
 
 def sop_like(n: int, dim: int, seed: int):
@@ -154,10 +158,10 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   print(f"# rankjax retrieval_metrics vs faiss IndexFlatIP (k = {max(ks) + 1}), "
         f"{os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"faiss threads = {_FAISS_THREADS.value}")
+        f"faiss threads = {_FAISS_THREADS.value}, best of {_REPEATS.value} fresh processes each")
   header = ("|      N |   D | rankjax s (cold / warm) | faiss s | faiss / rankjax (warm) | "
             "rankjax GiB | faiss GiB | R@1 R@10 R@100 R@1000 (rankjax) | same Recall@K | "
-            "queries whose first hit differs |")
+            "queries whose first hit differs | load before |")
   print(header)
   print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
   for n in map(int, _SIZES.value):
@@ -165,8 +169,13 @@ def main(argv):
       x, labels = sop_like(n, dim, _SEED.value)
       path = f"/tmp/rankjax_bench_{n}_{dim}_{os.getpid()}.npz"
       np.savez(path, x=x, labels=labels)
-      ours = _in_child(run_rankjax, path, ks)
-      theirs = _in_child(run_faiss, path, ks, _FAISS_THREADS.value)
+      load = os.getloadavg()[0]
+      runs = [(_in_child(run_rankjax, path, ks),
+               _in_child(run_faiss, path, ks, _FAISS_THREADS.value))
+              for _ in range(_REPEATS.value)]
+      ours = min((r[0] for r in runs), key=lambda r: r["warm_s"])
+      theirs = min((r[1] for r in runs), key=lambda r: r["s"])
+      ours["cold_s"] = min(r[0]["cold_s"] for r in runs)
       os.remove(path)
       same = all(ours["metrics"][f"recall@{k}"] == theirs["metrics"][f"recall@{k}"] for k in ks)
       differ = int(np.sum(np.array(ours["first_hit"]) != np.array(theirs["first_hit"])))
@@ -174,7 +183,8 @@ def main(argv):
       print(f"| {n:6d} | {dim:3d} | {ours['cold_s']:8.1f} / {ours['warm_s']:6.1f}      "
             f"| {theirs['s']:7.1f} | {theirs['s'] / ours['warm_s']:22.2f} "
             f"| {max(ours['cold_gib'], ours['warm_gib']):11.2f} | {theirs['gib']:9.2f} "
-            f"| {recalls:32s} | {'yes' if same else 'NO':13s} | {differ:31d} |", flush=True)
+            f"| {recalls:32s} | {'yes' if same else 'NO':13s} | {differ:31d} | {load:11.1f} |",
+            flush=True)
 
 
 if __name__ == "__main__":
