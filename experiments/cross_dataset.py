@@ -8,7 +8,10 @@ them) and writes, in ``--output_dir`` (default ``experiments/results``):
   standard deviation over seeds, the untrained baselines as dashed lines;
 * ``cross_dataset.md``: the same numbers, and the rank of each loss on each dataset (1 = the
   best mean Recall@1 among the losses in that table; baselines are not ranked), with how many
-  seeds each number is the mean of.
+  seeds each number is the mean of; then, for the datasets whose runs evaluated a validation
+  split during training, how fast each loss got there: validation Recall@1 at the first
+  evaluation, its best and the step of the best (read from the runs' TensorBoard scalars, no
+  extra training).
 
 ::
 
@@ -32,6 +35,7 @@ from experiments import sweep  # noqa: E402  # pylint: disable=wrong-import-posi
 
 FLAGS = flags.FLAGS
 METRICS = (("recall@1", "R@1"), ("map@r", "MAP@R"))
+VAL_TAG = "val/recall@1"
 
 
 def read_results(path: str) -> dict[str, dict[str, float]]:
@@ -55,12 +59,62 @@ def ranks(table: dict[str, dict[str, float]], metric: str = "recall@1") -> dict[
   return out
 
 
+def convergence(runs_dir: str) -> dict[str, dict]:
+  """Validation Recall@1 during training of each loss's runs under ``runs_dir``.
+
+  Returns ``{loss: {"first_step": s, "first": x, "best": y, "best_steps": [..]}}``: the mean over
+  seeds of the Recall@1 at the first evaluation (step ``s``) and of each seed's best, and the
+  step of each seed's best. Losses whose runs logged no validation Recall@1 are left out.
+  """
+  from rankjax import run_log  # pylint: disable=g-import-not-at-top
+  out = {}
+  for loss in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+    curves = []
+    for seed in sorted(os.listdir(os.path.join(runs_dir, loss))):
+      workdir = os.path.join(runs_dir, loss, seed)
+      if os.path.isdir(os.path.join(workdir, "tensorboard")):
+        curve = run_log.read_scalars(workdir, VAL_TAG)
+        if curve:
+          curves.append(curve)
+    if not curves:
+      continue
+    first_step = min(min(c) for c in curves)
+    firsts = [c[first_step] for c in curves if first_step in c]
+    bests = [max(c.items(), key=lambda item: (item[1], -item[0])) for c in curves]
+    out[loss] = {"first_step": first_step, "first": sum(firsts) / len(firsts),
+                 "best": sum(v for _, v in bests) / len(bests),
+                 "best_steps": [step for step, _ in bests], "seeds": len(curves)}
+  return out
+
+
+def convergence_table(curves: dict[str, dict[str, dict]]) -> list[str]:
+  """Markdown lines: per dataset, validation R@1 at the first evaluation -> best (its steps),
+  and the rank by the first evaluation's R@1."""
+  losses = [n for n in sweep.LOSS_LABELS if any(n in c for c in curves.values())]
+  lines = ["| loss | " + " | ".join(f"{d}: first -> best (step of best)" for d in curves) + " | "
+           + " | ".join(f"rank at first eval on {d}" for d in curves) + " |",
+           "|---|" + "---|" * (2 * len(curves))]
+  rank_by = {d: ranks({n: {"recall@1_mean": r["first"]} for n, r in c.items()})
+             for d, c in curves.items()}
+  for name in losses:
+    cells = []
+    for c in curves.values():
+      r = c.get(name)
+      cells.append("" if r is None else f"{r['first']:.3f} -> {r['best']:.3f} "
+                   f"({'/'.join(map(str, r['best_steps']))})")
+    cells += [str(rank_by[d].get(name, "")) for d in curves]
+    lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def _label(name: str) -> str:
   return sweep.LOSS_LABELS.get(name) or sweep.BASELINE_LABELS.get(name, name)
 
 
-def write_table(tables: dict[str, dict], path: str, command: str) -> str:
-  """Writes the markdown table of every loss on every dataset; returns it."""
+def write_table(tables: dict[str, dict], path: str, command: str,
+                curves: dict[str, dict] | None = None) -> str:
+  """Writes the markdown table of every loss on every dataset (and, given ``curves`` from
+  :func:`convergence` per dataset, the convergence table); returns the first."""
   losses = [n for n in sweep.LOSS_LABELS if any(n in t for t in tables.values())]
   baselines = [n for n in sweep.BASELINE_LABELS if any(n in t for t in tables.values())]
   rank_by = {d: ranks(t) for d, t in tables.items()}
@@ -90,6 +144,16 @@ def write_table(tables: dict[str, dict], path: str, command: str) -> str:
       "losses of that table (1 = best), untrained baselines not ranked. Seeds per loss: "
       + "; ".join(f"{d} {'/'.join(map(str, s))}" for d, s in seeds.items()) + ".", "",
       *lines, "", "![Recall@1 and MAP@R of every loss on every dataset](cross_dataset.png)", ""])
+  curves = {d: c for d, c in (curves or {}).items() if c}
+  if curves:
+    first_steps = sorted({r["first_step"] for c in curves.values() for r in c.values()})
+    text += "\n".join([
+        "", "## How fast each loss gets there", "",
+        "Recall@1 on the validation classes (held out of training; the test classes are not "
+        "looked at) during training, read from the runs' evaluations (no extra training): at the "
+        f"first evaluation (step {'/'.join(map(str, first_steps))}) -> the best of the run, mean "
+        "over seeds, and the step of each seed's best. The rank is by the first evaluation's "
+        "Recall@1 (1 = highest).", "", *convergence_table(curves), ""])
   with open(path, "w") as f:
     f.write(text)
   return "\n".join(lines)
@@ -150,8 +214,9 @@ def main(argv):
     tables[dataset] = read_results(path)
   output_dir = FLAGS.output_dir or FLAGS.results_dir
   os.makedirs(output_dir, exist_ok=True)
+  curves = {d: convergence(os.path.join(FLAGS.results_dir, d, "runs")) for d in tables}
   table = write_table(tables, os.path.join(output_dir, "cross_dataset.md"),
-                      sweep.command_line())
+                      sweep.command_line(), curves)
   write_figure(tables, os.path.join(output_dir, "cross_dataset.png"))
   print(table)
   print(f"Wrote cross_dataset.md and cross_dataset.png in {output_dir}")

@@ -54,3 +54,41 @@ def test_missing_results_are_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="not a results.csv"):
     (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
     cross_dataset.read_results(str(tmp_path / "bad.csv"))
+
+
+def _write_curve(workdir, curve):
+  from rankjax import run_log
+  writer = run_log.SummaryWriter(os.path.join(workdir, "tensorboard"))
+  for step, value in curve.items():
+    writer.scalars(step, {cross_dataset.VAL_TAG: value, "train/loss": 1.0})
+  writer.close()
+
+
+def test_convergence_reads_validation_recall_of_every_seed(tmp_path):
+  runs = tmp_path / "a" / "runs"
+  _write_curve(str(runs / "triplet_hard" / "seed0"), {25: 0.5, 50: 0.6, 75: 0.55})
+  _write_curve(str(runs / "triplet_hard" / "seed1"), {25: 0.3, 50: 0.4, 75: 0.45})
+  _write_curve(str(runs / "npairs" / "seed0"), {25: 0.2, 50: 0.7, 75: 0.7})  # Tie: earliest.
+  (runs / "imagenet_features" / "seed0" / "tensorboard").mkdir(parents=True)  # No curve.
+  got = cross_dataset.convergence(str(runs))
+  assert set(got) == {"triplet_hard", "npairs"}
+  hard = got["triplet_hard"]
+  assert hard["first_step"] == 25 and hard["seeds"] == 2 and hard["best_steps"] == [50, 75]
+  assert abs(hard["first"] - 0.4) < 1e-6 and abs(hard["best"] - 0.525) < 1e-6
+  assert got["npairs"]["best_steps"] == [50]
+  lines = cross_dataset.convergence_table({"a": got})
+  assert "| triplet (batch hard) | 0.400 -> 0.525 (50/75) | 1 |" in lines
+  assert "| N-pairs | 0.200 -> 0.700 (50) | 2 |" in lines
+
+
+def test_side_by_side_table_has_the_convergence_section_when_runs_have_curves(tmp_path):
+  _write(str(tmp_path / "a" / "results.csv"), [["npairs", 1, 0.6, 0.0, 0.3, 0.0]])
+  _write_curve(str(tmp_path / "a" / "runs" / "npairs" / "seed0"), {25: 0.2, 50: 0.7})
+  _write(str(tmp_path / "b" / "results.csv"), [["npairs", 1, 0.5, 0.0, 0.2, 0.0]])
+  out = subprocess.run([sys.executable, "experiments/cross_dataset.py", "--datasets=a,b",
+                        f"--results_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  md = (tmp_path / "cross_dataset.md").read_text()
+  assert "## How fast each loss gets there" in md
+  assert "| N-pairs | 0.200 -> 0.700 (50) | 1 |" in md  # Only dataset a has curves.
