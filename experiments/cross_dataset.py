@@ -66,14 +66,14 @@ def convergence(runs_dir: str) -> dict[str, dict]:
   seeds of the Recall@1 at the first evaluation (step ``s``) and of each seed's best, and the
   step of each seed's best. Losses whose runs logged no validation Recall@1 are left out.
   """
-  from rankjax import run_log  # pylint: disable=g-import-not-at-top
   out = {}
   for loss in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
     curves = []
     for seed in sorted(os.listdir(os.path.join(runs_dir, loss))):
       workdir = os.path.join(runs_dir, loss, seed)
       if os.path.isdir(os.path.join(workdir, "tensorboard")):
-        curve = run_log.read_scalars(workdir, VAL_TAG)
+        steps, values = sweep.read_scalars(workdir).get(VAL_TAG, ((), ()))
+        curve = {int(step): float(value) for step, value in zip(steps, values)}
         if curve:
           curves.append(curve)
     if not curves:
