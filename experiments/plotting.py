@@ -71,7 +71,7 @@ def recall_at_k_bars(summary: Mapping[str, Mapping[int, tuple[float, float]]], *
   return fig
 
 
-def _band(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color, label):
+def band(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color, label):
   """Mean over seeds (on the steps every seed logged) with a +-1 std band."""
   curves = [c for c in curves if len(c[0])]
   if not curves:
@@ -113,7 +113,7 @@ def training_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[np.ndarray,
   axes = axes.ravel()
   ax = axes[0]
   for label in labels:
-    _band(ax, curves[label].get(recall_tag, []), color_of[label], label)
+    band(ax, curves[label].get(recall_tag, []), color_of[label], label)
   if not any(curves[label].get(recall_tag) for label in labels):
     ax.text(0.5, 0.5, "no validation split:\nthe test split is evaluated once, at the end",
             ha="center", va="center", transform=ax.transAxes, fontsize=9)
@@ -122,7 +122,7 @@ def training_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[np.ndarray,
   ax.set_title("Recall@1 (mean ± std over seeds)", fontsize=10)
   ax.grid(alpha=0.3)
   for ax, label in zip(axes[1:], labels):
-    _band(ax, curves[label].get(loss_tag, []), color_of[label], label)
+    band(ax, curves[label].get(loss_tag, []), color_of[label], label)
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss (batch mean)")
     ax.set_title(f"{label}: loss", fontsize=10)
