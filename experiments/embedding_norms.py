@@ -25,7 +25,6 @@ import sys
 
 from absl import app
 from absl import flags
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import sweep  # noqa: E402  # pylint: disable=wrong-import-position
