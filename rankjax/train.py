@@ -143,8 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           loss_key=(seeding.stream_key(config.seed, "loss")
                     if config.loss.name in losses.LOSSES_NEEDING_KEY else None)),
       state, mesh, batch_outputs=True)
-  # The batch diagnostics, of the steps that log only (inside the step they would cost a share
-  # of every step).
+  # The batch diagnostics, of the steps that log only (inside the step every step would pay
+  # for them; benchmarks/diagnostics.py measures the share).
   batch_diagnostics = jax.jit(
       train_state.make_diagnostics_fn(train_state.diagnostics_kwargs(config)),
       out_shardings=parallel.replicated(mesh))
