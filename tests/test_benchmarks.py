@@ -1,5 +1,7 @@
-"""Tests of the benchmarks' own arithmetic (the FLOP count behind train_step.py's MFU)."""
+"""Tests of the benchmarks' own arithmetic (the FLOP count behind train_step.py's MFU) and
+settings (the OpenBLAS kernel evaluation.py asks of faiss)."""
 
+import functools
 import importlib.util
 import pathlib
 
@@ -15,6 +17,33 @@ _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_step
 _SPEC = importlib.util.spec_from_file_location("train_step_benchmark", _PATH)
 train_step = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(train_step)
+
+
+@functools.cache  # Once per process: the scripts define their absl flags at import.
+def _load_benchmark(name):
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("cpu_flags,expected", [
+    ("fpu sse2 avx2 avx512f avx512bw avx512vl amx_tile", "SkylakeX"),
+    ("fpu sse2 avx2 avx512f", "Haswell"),  # AVX-512 without BW / VL: not a SkylakeX kernel.
+    ("fpu sse2 sse3", None),
+])
+def test_faiss_openblas_coretype_follows_the_cpu_flags(tmp_path, monkeypatch, cpu_flags,
+                                                       expected):
+  evaluation = _load_benchmark("evaluation")
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {cpu_flags}\n")
+  real_open = open
+  monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+      cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+  assert evaluation.openblas_coretype("auto") == expected
+  assert evaluation.openblas_coretype("none") is None
+  assert evaluation.openblas_coretype("Zen") == "Zen"
 
 
 def test_matmul_flops_counts_convolutions_products_and_scan_bodies():
