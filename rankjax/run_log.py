@@ -8,6 +8,7 @@ out of the way, and JSON files written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as std_logging
 import math
@@ -39,8 +40,21 @@ class Progress:
     self.last_step += 1
     self.last_time = time.perf_counter()
 
-  def pause(self) -> None:
-    self.last_time = time.perf_counter()
+  @contextlib.contextmanager
+  def paused(self, wait_for: Any = None):
+    """Time spent inside the block (an evaluation) is not training throughput.
+
+    The steps since the last line keep the time they took before the block: ``wait_for`` (e.g.
+    the state's step counter) is waited on first, so that steps still running on the device
+    count as training.
+    """
+    if wait_for is not None:
+      jax.block_until_ready(wait_for)
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.last_time += time.perf_counter() - start
 
   def __call__(self, step: int) -> str:
     now = time.perf_counter()

@@ -207,13 +207,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ckpts.save(step, train_state.model_variables(state), train_state.training_variables(state),
                  force=True)
     if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
-      ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
-      val_metrics = evaluate(train_state.model_variables(state), "val")
-      logging.info("step %d eval on val: %s", step,
-                   " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
-      writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
-      ckpts.save_best(step, train_state.model_variables(state), val_metrics)
-      progress.pause()  # Evaluation time is not training throughput.
+      with progress.paused(state["step"]):  # Evaluation time is not training throughput.
+        ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
+        val_metrics = evaluate(train_state.model_variables(state), "val")
+        logging.info("step %d eval on val: %s", step,
+                     " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+        writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
+        ckpts.save_best(step, train_state.model_variables(state), val_metrics)
 
   # --- The final evaluation, once: the best checkpoint by validation, else the last state. ---
   ckpts.wait()
