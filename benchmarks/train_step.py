@@ -83,8 +83,8 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   state = train_state.init_state(params, model_state, tx)
   step, sharding = parallel.jit_data_parallel(
       train_state.make_train_step(graphdef, loss_fn, tx, schedules,
-                                  train_state.diagnostics_kwargs(config),
-                                  diagnostics=diagnostics == "step",
+                                  train_state.diagnostics_kwargs(config)
+                                  if diagnostics == "step" else None,
                                   batch_outputs=diagnostics == "separate"),
       state, mesh, batch_outputs=diagnostics == "separate")
   if diagnostics == "separate":

@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_transform = train_state.make_batch_transform(config)
   train_step, state_sharding = parallel.jit_data_parallel(
       train_state.make_train_step(
-          train_graphdef, loss_fn, tx, schedules, {}, diagnostics=False, batch_outputs=True,
+          train_graphdef, loss_fn, tx, schedules, None, batch_outputs=True,
           batch_transform=batch_transform, memory=memory,
           loss_key=(seeding.stream_key(config.seed, "loss")
                     if config.loss.name in losses.LOSSES_NEEDING_KEY else None)),

@@ -101,10 +101,11 @@ def diagnostics_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedules: dict[str, optax.Schedule], diagnostic_kwargs: dict[str, Any], *,
+                    schedules: dict[str, optax.Schedule],
+                    diagnostic_kwargs: dict[str, Any] | None, *,
                     batch_transform: Callable[[dict, jax.Array], dict] | None = None,
                     memory: cross_batch.MemorySettings | None = None,
-                    loss_key: jax.Array | None = None, diagnostics: bool = True,
+                    loss_key: jax.Array | None = None,
                     batch_outputs: bool = False) -> Callable[..., tuple]:
   """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
 
@@ -117,14 +118,15 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   and ``metrics["xbm_loss"]`` is that term. A loss that samples (``losses.LOSSES_NEEDING_KEY``)
   gets ``key=fold_in(loss_key, step)``.
 
-  ``diagnostics=False`` leaves the batch diagnostics out of the step. ``batch_outputs=True``
+  ``diagnostic_kwargs=None`` leaves the batch diagnostics out of the step. ``batch_outputs=True``
   makes it ``step(state, batch) -> (state, metrics, outputs)`` with ``outputs = {"embeddings":
   f32[B, D], "label": int[B]}`` (the labels after ``batch_transform``), from which
   :func:`make_diagnostics_fn` computes the diagnostics outside the step: the trainer does that on
   the steps it logs only, since inside the step they cost a share of every step
   (measured by benchmarks/diagnostics.py).
   """
-  compute_diagnostics = make_diagnostics_fn(diagnostic_kwargs)
+  compute_diagnostics = (None if diagnostic_kwargs is None
+                         else make_diagnostics_fn(diagnostic_kwargs))
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
     if batch_transform is not None:
@@ -152,7 +154,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     metrics = {"loss": loss, **({"xbm_loss": with_memory["xbm_loss"]} if memory else {}),
                "grad_norm": optax.tree.norm(grads),
                **{f"lr/{k}": s(state["step"]) for k, s in schedules.items()},
-               **(compute_diagnostics(embeddings, batch["label"]) if diagnostics else {})}
+               **(compute_diagnostics(embeddings, batch["label"]) if compute_diagnostics else {})}
     new_state = {"step": state["step"] + 1, "params": trainable, "model_state": model_state,
                  "opt_state": opt_state, "loss_params": loss_params}
     if memory is not None:

@@ -593,8 +593,8 @@ def test_diagnostics_outside_the_step_equal_those_inside_it():
            "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
   kwargs = train_state.diagnostics_kwargs(c)
   inside = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, schedules, kwargs))
-  outside = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, schedules, kwargs,
-                                                diagnostics=False, batch_outputs=True))
+  outside = jax.jit(train_state.make_train_step(graphdef, loss_fn, tx, schedules, None,
+                                                batch_outputs=True))
   diagnose = jax.jit(train_state.make_diagnostics_fn(kwargs))
   state_in = state_out = train_state.init_state(params, model_state, tx)
   keys = set(diagnostics.batch_diagnostics(batch["image"].reshape(8, -1), batch["label"]))
