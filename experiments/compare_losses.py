@@ -13,7 +13,8 @@ for the recipe and for preparing its TFDS directory offline)::
 Each (loss, seed) is one run of :func:`rankjax.train.train_and_evaluate` with the dataset's config
 (``experiments/configs/<dataset>.py:<loss>``), in ``OUTPUT_DIR/runs/<loss>/seed<k>/``. The sweep is
 resumable: a run with a ``metrics.json`` is read, not trained again, and an interrupted run resumes
-from its last checkpoint. Then it writes, in ``OUTPUT_DIR`` (default
+from its last checkpoint; ``--finished_only`` trains nothing and tabulates the runs that have
+finished (each row then says its number of seeds). Then it writes, in ``OUTPUT_DIR`` (default
 ``experiments/results/<dataset>``):
 
 * ``results.md``: mean ± sample standard deviation over seeds of Recall@1/2/4/8, MAP@R,
@@ -124,11 +125,13 @@ def build_baseline_config(dataset: str, baseline: str, seed: int, *, config_flag
 
 def run_sweep(dataset: str, losses, seeds, output_dir: str, *, config_flags: str = "",
               steps=None, eval_every=None, data_dir=None, overrides=(), keep_checkpoints=False,
-              train_fn=None, log=print, baselines=()):
+              train_fn=None, log=print, baselines=(), finished_only=False):
   """Trains (or reuses) every (loss, seed) run; returns ``{loss: [RunResult per seed]}``.
 
   ``baselines`` (names of ``sweep.BASELINE_LABELS``) are evaluated first, once per seed, as
-  entries of the same dict.
+  entries of the same dict. With ``finished_only``, nothing is trained: a (loss, seed) without a
+  finished run in ``output_dir`` is left out, and so is a loss with none (a sweep that spans
+  several sessions can be tabulated from what has finished, each row with its own seed count).
   """
   configs_by_run = {(b, seed): build_baseline_config(dataset, b, seed, config_flags=config_flags,
                                                      data_dir=data_dir, overrides=overrides)
@@ -144,6 +147,11 @@ def run_sweep(dataset: str, losses, seeds, output_dir: str, *, config_flags: str
     what = ("evaluated untrained" if loss in sweep.BASELINE_LABELS else
             f"{config.train.steps} steps of {config.classes_per_batch}x{config.samples_per_class}")
     log(f"[{i}/{total}] {loss} seed {seed}: {what} ... ", end="")
+    if finished_only:
+      sweep.check_same_config(config, workdir)
+      if sweep.read_metrics(workdir) is None:
+        log("not finished: left out")
+        continue
     result = sweep.run_or_reuse(config, workdir, train_fn=train_fn,
                                 keep_checkpoints=keep_checkpoints)
     verb = "evaluated" if loss in sweep.BASELINE_LABELS else "trained"
@@ -151,7 +159,7 @@ def run_sweep(dataset: str, losses, seeds, output_dir: str, *, config_flags: str
     log(f"{how}: " + " ".join(f"{name} {result.metrics[key]:.3f}"
                               for key, name in sweep.REPORTED_METRICS if key in result.metrics))
     results[loss].append(result)
-  return results
+  return {name: runs for name, runs in results.items() if runs}
 
 
 def summarise(results):
@@ -239,9 +247,10 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       + (f" Chance Recall@1 (random ranking) = {chance:.3f}." if chance is not None else ""),
       "",
   ]
-  table = ["| loss | batch P x K | " + " | ".join(n for _, n in metric_keys)
-           + " | time / run (s, incl. compiling) |",
-           "|---|---|" + "---|" * len(metric_keys) + "---|"]
+  seeds_column = len(n_seeds) > 1  # Rows of different seed counts say theirs.
+  table = ["| loss | batch P x K | " + ("seeds | " if seeds_column else "")
+           + " | ".join(n for _, n in metric_keys) + " | time / run (s, incl. compiling) |",
+           "|---|---|" + "---|" * (len(metric_keys) + seeds_column) + "---|"]
   for loss in results:
     cells = []
     for key, _ in metric_keys:
@@ -254,7 +263,8 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       cells.append(f"**{cell}**" if best[key] is not None and mean == best[key] else cell)
     wall = summary[loss]["wall_s"][0]
     batch = batches.get(loss, "?")
-    table.append(f"| {_label(loss)} | {batch} | " + " | ".join(cells)
+    seeds = f"{len(results[loss])} | " if seeds_column else ""
+    table.append(f"| {_label(loss)} | {batch} | {seeds}" + " | ".join(cells)
                  + f" | {wall:.0f} |")
   total = sum(r.wall_s for runs in results.values() for r in runs)
   lines += table + [
@@ -344,6 +354,9 @@ def define_flags():
   flags.DEFINE_list("baselines", None, "Untrained networks evaluated as rows of the same table "
                     f"({', '.join(sweep.BASELINE_LABELS)}); default: those the dataset's config "
                     "offers (the CPU photo recipe's); '' for none.")
+  flags.DEFINE_bool("finished_only", False, "Train nothing: write the tables and plots from the "
+                    "runs already finished in OUTPUT_DIR; a (loss, seed) without one is left "
+                    "out, so each row has its own number of seeds.")
   sweep.define_common_flags(
       "Keep each finished run's checkpoints (needed for rankjax.load_embedder on it); by default "
       "only metrics, config and TensorBoard scalars stay.")
@@ -375,7 +388,10 @@ def main(argv):
       FLAGS.dataset, FLAGS.losses, seeds, output_dir, config_flags=FLAGS.config_flags,
       steps=FLAGS.steps, eval_every=FLAGS.eval_every, data_dir=FLAGS.data_dir,
       overrides=FLAGS.set, keep_checkpoints=FLAGS.keep_checkpoints,
-      log=lambda *a, **k: print(*a, **k, flush=True), baselines=baselines)
+      log=lambda *a, **k: print(*a, **k, flush=True), baselines=baselines,
+      finished_only=FLAGS.finished_only)
+  if not results:
+    raise app.UsageError(f"No finished run of {FLAGS.losses} x seeds {seeds} in {output_dir}.")
   summary = summarise(results)
   config = build_config(FLAGS.dataset, FLAGS.losses[0], seeds[0],
                         config_flags=FLAGS.config_flags, steps=FLAGS.steps,

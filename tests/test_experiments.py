@@ -132,6 +132,46 @@ def test_a_finished_run_is_only_reused_for_the_same_config(tmp_path):
     sweep.run_or_reuse(other, workdir, train_fn=lambda *a: calls.append(a))
 
 
+def test_finished_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path):
+  out = str(tmp_path)
+  recall = {("contrastive", 0): 0.5, ("contrastive", 1): 0.7, ("npairs", 0): 0.65}
+
+  def fake_train(config, workdir):  # What train_and_evaluate leaves in a finished run.
+    metrics = {"recall@1": recall[(config.loss.name, config.seed)], "map@r": 0.1}
+    with open(os.path.join(workdir, sweep.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with open(os.path.join(workdir, sweep.METRICS_FILE), "w") as f:
+      json.dump(metrics, f)
+    return metrics
+
+  for loss, seed in recall:
+    config = compare_losses.build_config("digits", loss, seed, steps=7)
+    workdir = os.path.join(out, "runs", loss, f"seed{seed}")
+    os.makedirs(workdir)
+    sweep.run_or_reuse(config, workdir, train_fn=fake_train)
+  calls, lines = [], []
+  results = compare_losses.run_sweep(
+      "digits", ["contrastive", "npairs", "angular"], [0, 1], out, steps=7,
+      train_fn=lambda *a: calls.append(a), finished_only=True,
+      log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+  assert not calls  # Nothing trained,
+  assert {loss: len(runs) for loss, runs in results.items()} == {"contrastive": 2, "npairs": 1}
+  assert sum("not finished: left out" in line for line in lines) == 3  # npairs 1, angular 0, 1.
+  summary = compare_losses.summarise(results)
+  assert summary["contrastive"]["recall@1"] == pytest.approx((0.6, np.std([0.5, 0.7], ddof=1)))
+  config = compare_losses.build_config("digits", "contrastive", 0, steps=7)
+  table = compare_losses.write_tables(
+      results, summary, out, dataset="digits", config=config, command="cmd", chance=None,
+      batches={"contrastive": "8 x 4", "npairs": "16 x 2"})
+  assert table.splitlines()[0].startswith("| loss | batch P x K | seeds | R@1 |")
+  assert "| contrastive | 8 x 4 | 2 | 0.600 ± 0.141 |" in table
+  assert "| N-pairs | 16 x 2 | 1 | **0.650** |" in table
+  # A run made with another protocol is still refused, not silently left out.
+  with pytest.raises(ValueError, match="train.steps: 7 in the run, 8 requested"):
+    compare_losses.run_sweep("digits", ["contrastive"], [0], out, steps=8, finished_only=True,
+                             log=lambda *a, **k: 0)
+
+
 # --- End to end --------------------------------------------------------------------------------
 
 
