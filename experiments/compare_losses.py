@@ -147,11 +147,9 @@ def run_sweep(dataset: str, losses, seeds, output_dir: str, *, config_flags: str
     what = ("evaluated untrained" if loss in sweep.BASELINE_LABELS else
             f"{config.train.steps} steps of {config.classes_per_batch}x{config.samples_per_class}")
     log(f"[{i}/{total}] {loss} seed {seed}: {what} ... ", end="")
-    if finished_only:
-      sweep.check_same_config(config, workdir)
-      if sweep.read_metrics(workdir) is None:
-        log("not finished: left out")
-        continue
+    if finished_only and sweep.read_metrics(workdir) is None:  # A finished one: reused below.
+      log("not finished: left out")
+      continue
     result = sweep.run_or_reuse(config, workdir, train_fn=train_fn,
                                 keep_checkpoints=keep_checkpoints)
     verb = "evaluated" if loss in sweep.BASELINE_LABELS else "trained"
