@@ -173,7 +173,8 @@ def summarise(results):
 
 
 def write_tables(results, summary, output_dir: str, *, dataset: str, config, command: str,
-                 chance: float | None, batches: dict[str, str], config_flags: str = "") -> str:
+                 chance: float | None, batches: dict[str, str], config_flags: str = "",
+                 finished_only: bool = False) -> str:
   """Writes results.md, results.csv (one row per loss), runs.csv (one row per run).
 
   Returns:
@@ -217,6 +218,10 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       f"({machine['processor']}, {machine['platform']}), JAX {machine['jax_version']}, "
       f"{machine['device']}.",
       "",
+      *(["`--finished_only` trained nothing: the table is of the runs under `runs/` that had "
+         "finished. The same command without it trains the "
+         "missing (loss, seed) runs, resuming any that were interrupted, and then tabulates all.",
+         ""] if finished_only else []),
       "Protocol: the same for every loss, only the loss (and, for the pair-based losses, the "
       "batch layout) changes. "
       f"Model `{config.model.name}`{_backbone_options(config)} "
@@ -237,7 +242,9 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
          "): the encoder's pooled features without a head or any training, with the same "
          "evaluation; what the metric learning adds is the difference.", ""]
         if any(b in sweep.BASELINE_LABELS for b in results) else []),
-      (f"Mean ± sample standard deviation (ddof = 1) over {'/'.join(map(str, n_seeds))} seeds "
+      ("Mean ± sample standard deviation (ddof = 1) over "
+       + (f"{n_seeds[0]} seeds " if len(n_seeds) == 1 else "each row's seeds (the seeds column) ")
+       +
        "(model initialisation and batch order); a row of one run shows its number alone; "
        "**bold** = best mean in the column." if n_seeds != [1] else
        "One run (one seed) per row: no spread over seeds yet, so differences between rows "
@@ -405,7 +412,7 @@ def main(argv):
   batches.update({b: "untrained" for b in baselines})
   table = write_tables(results, summary, output_dir, dataset=FLAGS.dataset, config=config,
                        command=command, chance=chance, batches=batches,
-                       config_flags=FLAGS.config_flags)
+                       config_flags=FLAGS.config_flags, finished_only=FLAGS.finished_only)
   write_plots(results, summary, output_dir, dataset=FLAGS.dataset, config=config,
               chance=chance)
   print(table, flush=True)

@@ -162,8 +162,12 @@ def test_finished_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path):
   config = compare_losses.build_config("digits", "contrastive", 0, steps=7)
   table = compare_losses.write_tables(
       results, summary, out, dataset="digits", config=config, command="cmd", chance=None,
-      batches={"contrastive": "8 x 4", "npairs": "16 x 2"})
+      batches={"contrastive": "8 x 4", "npairs": "16 x 2"}, finished_only=True)
   assert table.splitlines()[0].startswith("| loss | batch P x K | seeds | R@1 |")
+  with open(os.path.join(out, "results.md")) as f:
+    page = f.read()
+  assert "`--finished_only` trained nothing" in page
+  assert "over each row's seeds (the seeds column)" in page
   assert "| contrastive | 8 x 4 | 2 | 0.600 ± 0.141 |" in table
   assert "| N-pairs | 16 x 2 | 1 | **0.650** |" in table
   # A run made with another protocol is still refused, not silently left out.
