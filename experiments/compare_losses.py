@@ -243,9 +243,9 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
          "evaluation; what the metric learning adds is the difference.", ""]
         if any(b in sweep.BASELINE_LABELS for b in results) else []),
       ("Mean ± sample standard deviation (ddof = 1) over "
-       + (f"{n_seeds[0]} seeds " if len(n_seeds) == 1 else "each row's seeds (the seeds column) ")
-       +
-       "(model initialisation and batch order); a row of one run shows its number alone; "
+       + (f"{n_seeds[0]} seeds" if len(n_seeds) == 1 else "the seeds of each row (seeds column)")
+       + "; a seed sets the model initialisation and the batch order; a row of one run shows "
+       "its number alone; "
        "**bold** = best mean in the column." if n_seeds != [1] else
        "One run (one seed) per row: no spread over seeds yet, so differences between rows "
        "cannot be weighed against it; **bold** = best in the column.")

@@ -167,7 +167,7 @@ def test_finished_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path):
   with open(os.path.join(out, "results.md")) as f:
     page = f.read()
   assert "`--finished_only` trained nothing" in page
-  assert "over each row's seeds (the seeds column)" in page
+  assert "over the seeds of each row (seeds column); a seed sets" in page
   assert "| contrastive | 8 x 4 | 2 | 0.600 ± 0.141 |" in table
   assert "| N-pairs | 16 x 2 | 1 | **0.650** |" in table
   # A run made with another protocol is still refused, not silently left out.
