@@ -11,9 +11,10 @@ test Recall@1 of each) in ``--output_dir``::
 
   OUT=experiments/results/lfw_npairs_l2
   python experiments/compare_losses.py --dataset=lfw --data_dir=DATA_DIR --losses=npairs \
-      --steps=600 --output_dir=$OUT/with_l2
+      --seeds=0 --steps=600 --eval_every=100 --baselines= --output_dir=$OUT/with_l2
   python experiments/compare_losses.py --dataset=lfw --data_dir=DATA_DIR --losses=npairs \
-      --steps=600 --set=loss.npairs.l2_reg=0 --output_dir=$OUT/without_l2
+      --seeds=0 --steps=600 --eval_every=100 --baselines= --set=loss.npairs.l2_reg=0 \
+      --output_dir=$OUT/without_l2
   python experiments/embedding_norms.py --loss=npairs --output_dir=$OUT \
       --sweeps="L2 0.002=$OUT/with_l2,no L2=$OUT/without_l2"
 """

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -385,12 +386,15 @@ def chance_recall_at_1(labels: np.ndarray) -> float:
 
 
 def command_line() -> str:
-  """The command that is running, as a user would type it again from the repository root."""
+  """The command that is running, as a user would type it again from the repository root.
+
+  Arguments are shell-quoted, so a value with spaces (``--sweeps="a b=DIR"``) pastes back whole.
+  """
   argv = list(sys.argv)
   if argv and argv[0].endswith(".py"):
     argv[0] = os.path.relpath(os.path.abspath(argv[0]), REPO_ROOT)
-    return " ".join(["python"] + argv)
-  return " ".join(argv)
+    argv.insert(0, "python")
+  return shlex.join(argv)
 
 
 def machine_info() -> dict[str, Any]:

@@ -9,6 +9,7 @@ import csv
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import types
@@ -34,6 +35,15 @@ def test_mean_and_std_is_sample_std():
   assert mean == pytest.approx(0.7)
   assert std == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / (3 - 1))
   assert sweep.mean_and_std([0.3]) == (0.3, 0.0)
+
+
+def test_command_line_pastes_back_as_the_same_arguments(monkeypatch):
+  argv = [os.path.join(sweep.REPO_ROOT, "experiments", "embedding_norms.py"), "--loss=npairs",
+          "--sweeps=L2 0.002=out/with_l2,no L2=out/without_l2", "--baselines="]
+  monkeypatch.setattr(sys, "argv", argv)
+  command = sweep.command_line()
+  assert command.startswith("python experiments/embedding_norms.py ")
+  assert shlex.split(command) == ["python", "experiments/embedding_norms.py", *argv[1:]]
 
 
 def test_chance_recall_at_1_by_hand():
