@@ -15,7 +15,7 @@ them) and writes, in ``--output_dir`` (default ``experiments/results``):
 
 ::
 
-  python experiments/cross_dataset.py --datasets=lfw,omniglot,cub200
+  python experiments/cross_dataset.py --datasets=lfw,omniglot,cub200,cars196
 
 A dataset's results directory is ``experiments/results/<dataset>`` (``--results_dir`` changes the
 parent). Losses missing from a dataset's table are left blank there.
@@ -195,7 +195,7 @@ def write_figure(tables: dict[str, dict], path: str) -> None:
 
 
 def define_flags():
-  flags.DEFINE_list("datasets", ["lfw", "omniglot", "cub200"],
+  flags.DEFINE_list("datasets", ["lfw", "omniglot", "cub200", "cars196"],
                     "Datasets whose results tables to put side by side, in this order.")
   flags.DEFINE_string("results_dir", sweep.RESULTS_DIR,
                       "Parent of the <dataset>/results.csv directories.")

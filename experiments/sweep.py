@@ -397,6 +397,35 @@ def command_line() -> str:
   return shlex.join(argv)
 
 
+def cpu_description(cpuinfo: str | None = None) -> str:
+  """``"x86_64, AMD EPYC, AVX-512"``: architecture, CPU model and widest vector extension.
+
+  The vector width is named because XLA compiles for the CPU it runs on: the same run can round
+  differently, and so end on slightly different numbers, on a CPU with other extensions.
+  ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when ``None``; absent off Linux).
+  """
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ""
+  parts = [platform.processor() or platform.machine()]
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, sep, value = line.partition(":")
+    if sep:
+      fields.setdefault(key.strip(), value.strip())
+  if fields.get("model name"):
+    parts.append(fields["model name"])
+  flags_ = set(fields.get("flags", "").split())
+  for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+    if flag in flags_:
+      parts.append(name)
+      break
+  return ", ".join(parts)
+
+
 def machine_info() -> dict[str, Any]:
   """Where a result was measured: CPU count, platform, JAX version and device."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -404,7 +433,7 @@ def machine_info() -> dict[str, Any]:
   return {
       "cpu_count": os.cpu_count(),
       "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
+      "processor": cpu_description(),
       "jax_version": jax.__version__,
       "device": f"{device.platform}: {device.device_kind} x {jax.device_count()}",
   }

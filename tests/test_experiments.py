@@ -46,6 +46,15 @@ def test_command_line_pastes_back_as_the_same_arguments(monkeypatch):
   assert shlex.split(command) == ["python", "experiments/embedding_norms.py", *argv[1:]]
 
 
+def test_cpu_description_names_the_model_and_the_widest_vector_extension(monkeypatch):
+  monkeypatch.setattr(sweep.platform, "processor", lambda: "x86_64")
+  info = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 avx512f\n\n"
+          "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 avx512f\n")
+  assert sweep.cpu_description(info) == "x86_64, AMD EPYC, AVX-512"
+  assert sweep.cpu_description("model name : Xeon\nflags : sse2 avx avx2\n") == "x86_64, Xeon, AVX2"
+  assert sweep.cpu_description("") == "x86_64"
+
+
 def test_chance_recall_at_1_by_hand():
   # Class 0 (2 items): 1 other of 4 -> 1/4; class 1 (3 items): 2 of 4 -> 1/2. Mean over 5 queries.
   assert sweep.chance_recall_at_1(np.array([0, 0, 1, 1, 1])) == pytest.approx(
