@@ -210,12 +210,21 @@ def run_grid(dataset, losses, learning_rates, batch_sizes, seeds, output_dir, *,
   thresholds needs no checkpoint, so checkpoints are deleted once measured unless
   ``keep_checkpoints``.
   """
-  from rankjax import data  # pylint: disable=g-import-not-at-top
-  train_classes = data.get_dataset_info(dataset, data_dir=data_dir).train_classes
-  plan = []
+  if not losses:
+    raise ValueError("--losses is empty: name at least one loss.")
   for loss in losses:
     if loss not in ALL_LOSSES:
       raise ValueError(f"--losses: unknown loss {loss!r}; the losses are {', '.join(ALL_LOSSES)}.")
+  # The training classes bound the batch layouts: count them in the data the runs train on,
+  # which the config flags choose (``offline`` trains on another dataset than ``dataset``).
+  probe = sweep.load_config(dataset, ",".join(
+      [losses[0]] + [f for f in config_flags.split(",") if f.strip()]))
+  if data_dir is not None:
+    probe.data_dir = data_dir
+  sweep.apply_overrides(probe, overrides)
+  train_classes = sweep.dataset_info(probe).train_classes
+  plan = []
+  for loss in losses:
     for lr in learning_rates:
       for batch in batch_sizes:
         for seed in seeds:

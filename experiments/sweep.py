@@ -311,6 +311,17 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def dataset_info(config):
+  """The :class:`rankjax.data.DatasetInfo` of the data ``config`` trains on, split as it splits.
+
+  The dataset, data directory and protocol are the config's (a config flag such as ``offline``
+  can change all three), so the counts are those the trainer sees.
+  """
+  from rankjax import data  # pylint: disable=g-import-not-at-top
+  return data.get_dataset_info(config.dataset, data_dir=config.data_dir,
+                               protocol=data.Protocol.from_config(config.protocol))
+
+
 def test_embeddings(workdir: str, *, which: str = "latest") -> tuple[np.ndarray, np.ndarray]:
   """``(f32[N, E], int32[N])``: a run's embeddings of its evaluation split, in order.
 
@@ -323,10 +334,10 @@ def test_embeddings(workdir: str, *, which: str = "latest") -> tuple[np.ndarray,
       run started from (its seed's initialisation; no checkpoint needed).
   """
   # pylint: disable-next=g-import-not-at-top
-  from rankjax import checkpoint, data, embedder, parallel, train, train_state
+  from rankjax import checkpoint, embedder, parallel, train, train_state
   from rankjax.evaluation import embed as eval_embed
   config = embedder.load_config(workdir)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  info = dataset_info(config)
   _, eval_graphdef, params, model_state = train_state.split_model(train.build_model(config, info))
   variables = {"params": params, "model_state": model_state}
   if which != "init":

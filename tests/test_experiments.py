@@ -369,6 +369,34 @@ def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
     stability.run_grid(**{**grid, "output_dir": str(tmp_path / "b"), "train_fn": other_error})
 
 
+def test_stability_counts_the_training_classes_of_the_data_the_config_trains_on(tmp_path):
+  """The batch layouts are bounded by the classes the runs train on, after the validation split."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for c in range(20):  # 10 train classes, of which 2 validate: 8 train; 10 test.
+    os.makedirs(tmp_path / "root" / f"c{c:02d}")
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+          tmp_path / "root" / f"c{c:02d}" / f"{i}.png")
+  layouts = []
+
+  def diverging_train(config, workdir):  # Records the layout; the run "diverges": no measuring.
+    layouts.append((config.classes_per_batch, config.samples_per_class))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, sweep.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    raise ValueError("embeddings contain NaN values")
+
+  rows = stability.run_grid(
+      "folder", ["npairs"], [0.1], [16, 18], [0], str(tmp_path / "out"), config_flags="runlocal",
+      overrides=[f"dataset=folder:{tmp_path / 'root'}", f"data_dir={tmp_path / 'tfds'}"],
+      train_fn=diverging_train, log=lambda *a, **k: None)
+  assert layouts == [(8, 2)]  # 16 images: one pair of each of the 8 training classes.
+  assert [r["reason"] for r in rows] == ["non-finite", "n/a: batch layout"]  # 18 needs 9.
+  with pytest.raises(ValueError, match="--losses is empty"):
+    stability.run_grid("digits", [], [0.1], [16], [0], str(tmp_path / "b"))
+
+
 def test_every_loss_has_a_label_and_the_sweeps_default_to_the_survey_losses():
   from rankjax import configs  # pylint: disable=g-import-not-at-top
   assert set(sweep.LOSS_LABELS) == set(configs.LOSS_NAMES)
