@@ -219,9 +219,8 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       f"{machine['device']}.",
       "",
       *(["`--finished_only` trained nothing: the table is of the runs under `runs/` that had "
-         "finished. The same command without it trains the "
-         "missing (loss, seed) runs, resuming any that were interrupted, and then tabulates all.",
-         ""] if finished_only else []),
+         "finished. The same command without it trains the missing (loss, seed) runs, resuming "
+         "any that were interrupted, and then tabulates all.", ""] if finished_only else []),
       "Protocol: the same for every loss, only the loss (and, for the pair-based losses, the "
       "batch layout) changes. "
       f"Model `{config.model.name}`{_backbone_options(config)} "
@@ -245,8 +244,7 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       ("Mean ± sample standard deviation (ddof = 1) over "
        + (f"{n_seeds[0]} seeds" if len(n_seeds) == 1 else "the seeds of each row (seeds column)")
        + "; a seed sets the model initialisation and the batch order; a row of one run shows "
-       "its number alone; "
-       "**bold** = best mean in the column." if n_seeds != [1] else
+       "its number alone; **bold** = best mean in the column." if n_seeds != [1] else
        "One run (one seed) per row: no spread over seeds yet, so differences between rows "
        "cannot be weighed against it; **bold** = best in the column.")
       + (f" Chance Recall@1 (random ranking) = {chance:.3f}." if chance is not None else ""),

@@ -89,14 +89,20 @@ def batch_layout(batch_size: int, *, loss: str, samples_per_class: int,
   return p, k
 
 
-def build_config(dataset: str, loss: str, *, learning_rate: float, batch_size: int, seed: int,
-                 steps: int | None, train_classes: int, config_flags: str = "",
-                 data_dir: str | None = None, overrides=()):
-  """The config of one grid run, or ``None`` when its batch cannot be laid out."""
+def loss_config(dataset: str, loss: str, config_flags: str = ""):
+  """``dataset``'s config for ``loss`` and ``config_flags`` (no flags: the sweeps' defaults)."""
   arg = ",".join([loss] + [f for f in config_flags.split(",") if f.strip()])
   config = sweep.load_config(dataset, arg)
   if not config_flags:
     sweep.apply_overrides(config, sweep.SWEEP_DEFAULTS.get(dataset, {}).items())
+  return config
+
+
+def build_config(dataset: str, loss: str, *, learning_rate: float, batch_size: int, seed: int,
+                 steps: int | None, train_classes: int, config_flags: str = "",
+                 data_dir: str | None = None, overrides=()):
+  """The config of one grid run, or ``None`` when its batch cannot be laid out."""
+  config = loss_config(dataset, loss, config_flags)
   layout = batch_layout(batch_size, loss=loss, samples_per_class=config.samples_per_class,
                         train_classes=train_classes)
   if layout is None:
@@ -217,8 +223,7 @@ def run_grid(dataset, losses, learning_rates, batch_sizes, seeds, output_dir, *,
       raise ValueError(f"--losses: unknown loss {loss!r}; the losses are {', '.join(ALL_LOSSES)}.")
   # The training classes bound the batch layouts: count them in the data the runs train on,
   # which the config flags choose (``offline`` trains on another dataset than ``dataset``).
-  probe = sweep.load_config(dataset, ",".join(
-      [losses[0]] + [f for f in config_flags.split(",") if f.strip()]))
+  probe = loss_config(dataset, losses[0], config_flags)
   if data_dir is not None:
     probe.data_dir = data_dir
   sweep.apply_overrides(probe, overrides)
@@ -450,10 +455,8 @@ def main(argv):
                   overrides=FLAGS.set, collapse_ratio=FLAGS.collapse_ratio,
                   chance_factor=FLAGS.chance_factor, keep_checkpoints=FLAGS.keep_checkpoints,
                   log=lambda *a, **k: print(*a, **k, flush=True))
-  config = sweep.load_config(FLAGS.dataset, ",".join([FLAGS.losses[0]] + [
-      f for f in FLAGS.config_flags.split(",") if f.strip()]))
+  config = loss_config(FLAGS.dataset, FLAGS.losses[0], FLAGS.config_flags)
   if not FLAGS.config_flags:
-    sweep.apply_overrides(config, sweep.SWEEP_DEFAULTS.get(FLAGS.dataset, {}).items())
     config.train.steps = DEFAULT_STEPS.get(FLAGS.dataset, config.train.steps)
   config.train.steps = FLAGS.steps or config.train.steps
   table = write_outputs(rows, output_dir, dataset=FLAGS.dataset, losses=FLAGS.losses,

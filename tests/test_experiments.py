@@ -267,14 +267,30 @@ def test_compare_losses_end_to_end_and_resume(tmp_path, cache):
   assert open(os.path.join(out, "results.csv")).read() == before
 
 
-def test_compare_losses_puts_the_untrained_baselines_in_the_table(tmp_path):
+def _image_folder(root, *, images_per_class: int) -> None:
+  """20 class folders of random 20 x 20 images: 10 train classes (2 of them validate), 10 test."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  for c in range(20):  # 10 train (2 of them validate), 10 test.
-    os.makedirs(tmp_path / "root" / f"c{c:02d}")
-    for i in range(6):
+  for c in range(20):
+    os.makedirs(root / f"c{c:02d}")
+    for i in range(images_per_class):
       Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
-          tmp_path / "root" / f"c{c:02d}" / f"{i}.png")
+          root / f"c{c:02d}" / f"{i}.png")
+
+
+def _diverging_train(calls):
+  """A train_fn that records ``(config, workdir)``, leaves the run's config and then diverges."""
+  def train(config, workdir):
+    calls.append((config, workdir))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, sweep.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    raise ValueError("embeddings contain NaN values")
+  return train
+
+
+def test_compare_losses_puts_the_untrained_baselines_in_the_table(tmp_path):
+  _image_folder(tmp_path / "root", images_per_class=6)
   flags = "runlocal"
   assert compare_losses.available_baselines("folder", config_flags=flags) == list(
       sweep.BASELINE_LABELS)
@@ -343,17 +359,9 @@ def test_stability_end_to_end(tmp_path, cache):
 def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
   """A run whose evaluation refuses NaN embeddings is degenerate (non-finite), and not re-run."""
   calls = []
-
-  def diverging_train(config, workdir):
-    calls.append(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, sweep.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    raise ValueError("embeddings contain NaN values")
-
   grid = dict(dataset="digits", losses=["contrastive"], learning_rates=[10.0], batch_sizes=[40],
               seeds=[0], output_dir=str(tmp_path), config_flags="runlocal",
-              train_fn=diverging_train, log=lambda *a, **k: None)
+              train_fn=_diverging_train(calls), log=lambda *a, **k: None)
   rows = stability.run_grid(**grid)
   assert len(calls) == 1
   assert rows[0]["degenerate"] is True and rows[0]["reason"] == "non-finite"
@@ -371,27 +379,14 @@ def test_stability_keeps_a_diverged_run_as_a_result(tmp_path):
 
 def test_stability_counts_the_training_classes_of_the_data_the_config_trains_on(tmp_path):
   """The batch layouts are bounded by the classes the runs train on, after the validation split."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for c in range(20):  # 10 train classes, of which 2 validate: 8 train; 10 test.
-    os.makedirs(tmp_path / "root" / f"c{c:02d}")
-    for i in range(3):
-      Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
-          tmp_path / "root" / f"c{c:02d}" / f"{i}.png")
-  layouts = []
-
-  def diverging_train(config, workdir):  # Records the layout; the run "diverges": no measuring.
-    layouts.append((config.classes_per_batch, config.samples_per_class))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, sweep.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    raise ValueError("embeddings contain NaN values")
-
+  _image_folder(tmp_path / "root", images_per_class=3)  # 8 classes train after validation.
+  calls = []  # The runs "diverge": nothing to measure, the layout is what is checked.
   rows = stability.run_grid(
       "folder", ["npairs"], [0.1], [16, 18], [0], str(tmp_path / "out"), config_flags="runlocal",
       overrides=[f"dataset=folder:{tmp_path / 'root'}", f"data_dir={tmp_path / 'tfds'}"],
-      train_fn=diverging_train, log=lambda *a, **k: None)
-  assert layouts == [(8, 2)]  # 16 images: one pair of each of the 8 training classes.
+      train_fn=_diverging_train(calls), log=lambda *a, **k: None)
+  # 16 images: one pair of each of the 8 training classes.
+  assert [(c.classes_per_batch, c.samples_per_class) for c, _ in calls] == [(8, 2)]
   assert [r["reason"] for r in rows] == ["non-finite", "n/a: batch layout"]  # 18 needs 9.
   with pytest.raises(ValueError, match="--losses is empty"):
     stability.run_grid("digits", [], [0.1], [16], [0], str(tmp_path / "b"))
