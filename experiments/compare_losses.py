@@ -131,7 +131,7 @@ def run_sweep(dataset: str, losses, seeds, output_dir: str, *, config_flags: str
   ``baselines`` (names of ``sweep.BASELINE_LABELS``) are evaluated first, once per seed, as
   entries of the same dict. With ``finished_only``, nothing is trained: a (loss, seed) without a
   finished run in ``output_dir`` is left out, and so is a loss with none (a sweep that spans
-  several sessions can be tabulated from what has finished, each row with its own seed count).
+  several invocations can be tabulated from what has finished, each row with its own seed count).
   """
   configs_by_run = {(b, seed): build_baseline_config(dataset, b, seed, config_flags=config_flags,
                                                      data_dir=data_dir, overrides=overrides)
