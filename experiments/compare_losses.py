@@ -205,6 +205,8 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
                    default=None) for key, _ in metric_keys}
   n_seeds = sorted({len(runs) for runs in results.values()})
   machine = sweep.machine_info()
+  trained_on = sweep.describe_run_machines(run.workdir for runs in results.values()
+                                           for run in runs)
   lines = [
       f"# Ranking losses compared on {dataset}",
       "",
@@ -214,9 +216,11 @@ def write_tables(results, summary, output_dir: str, *, dataset: str, config, com
       command,
       "```",
       "",
-      f"on {datetime.date.today().isoformat()}, {machine['cpu_count']} CPU cores "
+      f"Runs trained on {trained_on}. This page was written on "
+      f"{datetime.date.today().isoformat()}, {machine['cpu_count']} CPU cores "
       f"({machine['processor']}, {machine['platform']}), JAX {machine['jax_version']}, "
-      f"{machine['device']}.",
+      f"{machine['device']}; each run's run_info.json holds its own machine, command and wall "
+      "time.",
       "",
       *(["`--finished_only` trained nothing: the table is of the runs under `runs/` that had "
          "finished. The same command without it trains the missing (loss, seed) runs, resuming "

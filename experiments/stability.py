@@ -207,6 +207,11 @@ def measure(workdir: str) -> dict:
       initial_recall_at_1=initial_recall)
 
 
+def run_dir(output_dir: str, loss: str, learning_rate: float, batch_size: int, seed: int) -> str:
+  """Where the grid keeps the run of one (loss, learning rate, batch size, seed) cell."""
+  return os.path.join(output_dir, "runs", loss, f"lr{learning_rate:g}_bs{batch_size}_seed{seed}")
+
+
 def run_grid(dataset, losses, learning_rates, batch_sizes, seeds, output_dir, *, steps=None,
              config_flags="", data_dir=None, overrides=(), collapse_ratio=0.1,
              chance_factor=2.0, keep_checkpoints=False, train_fn=None, log=print):
@@ -248,7 +253,7 @@ def run_grid(dataset, losses, learning_rates, batch_sizes, seeds, output_dir, *,
       continue
     done += 1
     row.update(P=config.classes_per_batch, K=config.samples_per_class)
-    workdir = os.path.join(output_dir, "runs", loss, f"lr{lr:g}_bs{batch}_seed{seed}")
+    workdir = run_dir(output_dir, loss, lr, batch, seed)
     log(f"[{done}/{runnable}] {loss} lr {lr:g} batch {config.classes_per_batch}x"
         f"{config.samples_per_class} seed {seed}: ", end="")
     measured_path = os.path.join(workdir, DIAGNOSTICS_FILE)
@@ -353,6 +358,9 @@ def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_si
                    + " |")
 
   machine = sweep.machine_info()
+  trained_on = sweep.describe_run_machines(
+      run_dir(output_dir, r["loss"], r["learning_rate"], r["batch_size"], r["seed"])
+      for r in rows if r["degenerate"] != "")
   options = config.model.backbone_options.to_dict()
   options = f" with {options}" if options else ""
   optimization = sweep.describe_optimization(config, learning_rate="the grid's learning rates")
@@ -365,8 +373,10 @@ def write_outputs(rows, output_dir, *, dataset, losses, learning_rates, batch_si
       command,
       "```",
       "",
-      f"{machine['cpu_count']} CPU cores ({machine['processor']}), JAX {machine['jax_version']}, "
-      f"{machine['device']}. Model `{config.model.name}`{options}, {config.train.steps} steps, "
+      f"Runs trained on {trained_on}. This page was written on {machine['cpu_count']} CPU "
+      f"cores ({machine['processor']}), JAX {machine['jax_version']}, {machine['device']}; each "
+      "run's run_info.json holds its own machine, command and wall time. "
+      f"Model `{config.model.name}`{options}, {config.train.steps} steps, "
       f"{optimization}, seeds {', '.join(map(str, seeds))}; everything else as in "
       f"experiments/configs/{dataset}.py"
       + (" (the study sets its own number of steps)." if config_flags

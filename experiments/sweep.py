@@ -450,6 +450,27 @@ def machine_info() -> dict[str, Any]:
   }
 
 
+def describe_run_machines(workdirs: Iterable[str]) -> str:
+  """Where the runs in ``workdirs`` were trained, from each run's ``run_info.json``.
+
+  A sweep resumes across days and machines, so the machine that writes a results page need not be
+  the one that trained its runs. Returns e.g. ``"2 CPU cores (x86_64, AMD EPYC, AVX-512), cpu: cpu
+  x 1: 20 runs; 2 CPU cores (x86_64), cpu: cpu x 1: 30 runs"``, most runs first (older runs
+  recorded the architecture only); runs without the file (a diverged run) count as not recorded.
+  """
+  counts: dict[str, int] = {}
+  for workdir in workdirs:
+    info = read_json(os.path.join(workdir, RUN_INFO_FILE)) or {}
+    if "processor" in info:
+      where = f"{info.get('cpu_count', '?')} CPU cores ({info['processor']})"
+      where += f", {info['device']}" if info.get("device") else ""
+    else:
+      where = "machine not recorded"
+    counts[where] = counts.get(where, 0) + 1
+  return "; ".join(f"{where}: {n} run{'' if n == 1 else 's'}"
+                   for where, n in sorted(counts.items(), key=lambda item: -item[1]))
+
+
 def enable_compilation_cache(path: str | None) -> None:
   """Keeps XLA compilations on disk, so the seeds of one loss compile its train step once."""
   if not path:

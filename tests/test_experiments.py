@@ -55,6 +55,22 @@ def test_cpu_description_names_the_model_and_the_widest_vector_extension(monkeyp
   assert sweep.cpu_description("") == "x86_64"
 
 
+def test_describe_run_machines_counts_each_runs_own_machine(tmp_path):
+  def run(name, info):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    if info is not None:
+      (workdir / sweep.RUN_INFO_FILE).write_text(json.dumps({"wall_s": 1.0, **info}))
+    return str(workdir)
+
+  amd = {"cpu_count": 2, "processor": "x86_64, AMD EPYC, AVX-512", "device": "cpu: cpu x 1"}
+  runs = [run("a", amd), run("b", {"cpu_count": 2, "processor": "x86_64"}), run("c", amd),
+          run("d", None)]
+  assert sweep.describe_run_machines(runs) == (
+      "2 CPU cores (x86_64, AMD EPYC, AVX-512), cpu: cpu x 1: 2 runs; "
+      "2 CPU cores (x86_64): 1 run; machine not recorded: 1 run")
+
+
 def test_chance_recall_at_1_by_hand():
   # Class 0 (2 items): 1 other of 4 -> 1/4; class 1 (3 items): 2 of 4 -> 1/2. Mean over 5 queries.
   assert sweep.chance_recall_at_1(np.array([0, 0, 1, 1, 1])) == pytest.approx(
@@ -186,6 +202,9 @@ def test_finished_only_tabulates_the_finished_runs_and_trains_nothing(tmp_path):
   with open(os.path.join(out, "results.md")) as f:
     page = f.read()
   assert "`--finished_only` trained nothing" in page
+  here = sweep.machine_info()
+  assert (f"Runs trained on {here['cpu_count']} CPU cores ({here['processor']}), "
+          f"{here['device']}: 3 runs. This page was written on") in page
   assert "over the seeds of each row (seeds column); a seed sets" in page
   assert "| contrastive | 8 x 4 | 2 | 0.600 ± 0.141 |" in table
   assert "| N-pairs | 16 x 2 | 1 | **0.650** |" in table
@@ -350,7 +369,10 @@ def test_stability_end_to_end(tmp_path, cache):
                   or float(r["recall@1"]) < 2 * chance
                   or not np.isfinite(float(r["final_train_loss"])))
     assert (r["degenerate"] == "True") == degenerate, r
-  assert "triplet (batch hard)" in open(os.path.join(out, "stability.md")).read()
+  page = open(os.path.join(out, "stability.md")).read()
+  assert "triplet (batch hard)" in page
+  assert " CPU cores (" in page and ": 3 runs. This page was written on" in page
+  assert "Model `small_resnet` with {'widths'" in page, page
   # Second invocation reuses runs and their diagnostics.
   stdout = _run("stability.py", *args, cache=cache)
   assert "trained in" not in stdout and stdout.count("reused") == 3, stdout
