@@ -14,6 +14,7 @@ fields that differ.
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import glob
 import importlib.util
@@ -458,17 +459,16 @@ def describe_run_machines(workdirs: Iterable[str]) -> str:
   x 1: 20 runs; 2 CPU cores (x86_64), cpu: cpu x 1: 30 runs"``, most runs first (older runs
   recorded the architecture only); runs without the file (a diverged run) count as not recorded.
   """
-  counts: dict[str, int] = {}
-  for workdir in workdirs:
+  def where(workdir: str) -> str:
     info = read_json(os.path.join(workdir, RUN_INFO_FILE)) or {}
-    if "processor" in info:
-      where = f"{info.get('cpu_count', '?')} CPU cores ({info['processor']})"
-      where += f", {info['device']}" if info.get("device") else ""
-    else:
-      where = "machine not recorded"
-    counts[where] = counts.get(where, 0) + 1
-  return "; ".join(f"{where}: {n} run{'' if n == 1 else 's'}"
-                   for where, n in sorted(counts.items(), key=lambda item: -item[1]))
+    if "processor" not in info:
+      return "machine not recorded"
+    device = f", {info['device']}" if info.get("device") else ""
+    return f"{info.get('cpu_count', '?')} CPU cores ({info['processor']}){device}"
+
+  counts = collections.Counter(map(where, workdirs))
+  return "; ".join(f"{machine}: {n} run{'' if n == 1 else 's'}"
+                   for machine, n in counts.most_common())
 
 
 def enable_compilation_cache(path: str | None) -> None:
