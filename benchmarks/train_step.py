@@ -105,19 +105,25 @@ def jax_step(model_name, *, image_size, channels, batch, dtype, backbone_options
   forward_flops = matmul_flops(
       jax.make_jaxpr(embed)(train_state.model_variables(state), device_batch["image"])) / batch
 
+  return step_timer(step, state, device_batch), forward_flops
+
+
+def step_timer(step, state, batch):
+  """``run(n) -> seconds`` for ``n`` steps of ``step`` on ``batch``, the state carried across
+  calls (the step may donate it); compiled and warmed up by two steps first."""
   holder = {"state": state}
 
   def run(n):
     state = holder["state"]
     start = time.perf_counter()
     for _ in range(n):
-      state, metrics = step(state, device_batch)
+      state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     holder["state"] = state
     return time.perf_counter() - start
 
-  run(2)  # Compile and warm up.
-  return run, forward_flops
+  run(2)
+  return run
 
 
 def matmul_flops(jaxpr) -> float:

@@ -106,6 +106,7 @@ PROXY_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface", "cosface", "sub
 PROXY_LEARNING_RATE_MULTIPLIER = 100.0
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+HEAD_INITS = ("random", "pca")
 SCHEDULES = ("constant", "cosine", "linear", "step")
 
 
@@ -130,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.classes_per_batch = 32
   c.samples_per_class = 4
   c.augment = config_dict.placeholder(bool)  # None = the dataset's paper default.
+  # The crop and flip of augmented training images (rankjax.data.Augment): the area fraction and
+  # aspect-ratio ranges of the random resized crop, the flip, and whether the resize of a crop is
+  # anti-aliased (as the evaluation resize is).
+  c.augment_options = ml_collections.ConfigDict(
+      {"scale": (0.16, 1.0), "ratio": (3 / 4, 4 / 3), "flip": True, "antialias": False})
   # How the classes are split (rankjax.data.Protocol); None = the dataset's default. The
   # validation split (the last val_fraction of the training classes) chooses the best checkpoint;
   # the test split is evaluated once, at the end.
@@ -160,6 +166,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pretrained = config_dict.placeholder(str)
   # Extra keyword arguments of the backbone class, e.g. {"width": 64} for conv4.
   c.model.backbone_options = ml_collections.ConfigDict()
+  # The embedding head's start (rankjax.head_init): "random" (LeCun normal), or "pca": the
+  # leading principal directions of the training images' pooled features, so that the network
+  # starts from (a projection of) the pretrained features rather than below them.
+  c.model.head_init = "random"
+
+  # The frozen-trunk activation cache (rankjax.frozen_cache): with a frozen prefix
+  # (model.backbone_options.frozen_blocks > 0), compute its output once per dataset, image size,
+  # augmentation and encoder, store it under `dir` (None = DATA_DIR/rankjax_frozen_cache), and
+  # train and evaluate from it. `views` augmented views of each training image, drawn with the
+  # cache's own `seed` (shared by every run of a sweep); `dtype` of the stored activations.
+  c.frozen_cache = ml_collections.ConfigDict(
+      {"enabled": False, "views": 8, "seed": 0, "dtype": "float16",
+       "dir": config_dict.placeholder(str)})
 
   # Loss (rankjax.losses): name, and the keyword arguments of each loss in its own section.
   c.loss = ml_collections.ConfigDict()
@@ -325,6 +344,46 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     checks.check_affine(**config.affine)
   except ValueError as e:
     raise ValueError(f"config.affine: {e}") from None
+  if config.model.head_init not in HEAD_INITS:
+    raise ValueError(f"config.model.head_init must be one of {', '.join(HEAD_INITS)}; got "
+                     f"{config.model.head_init!r}.")
+  _check_frozen_cache(config)
+
+
+def _check_frozen_cache(config: ml_collections.ConfigDict) -> None:
+  """What a frozen-trunk cache cannot combine with: augmentations of the image on the device."""
+  if not config.frozen_cache.enabled:
+    return
+  from rankjax import augment as device_augment  # pylint: disable=g-import-not-at-top
+  from rankjax import frozen_cache  # pylint: disable=g-import-not-at-top
+  frozen_cache.Settings.from_config(config)  # Checks views and dtype.
+  if not (config.model.backbone_options.to_dict() or {}).get("frozen_blocks"):
+    raise ValueError("config.frozen_cache.enabled caches a frozen prefix: set "
+                     "config.model.backbone_options.frozen_blocks > 0 (efficientnet_lite0).")
+  moving = [name for name, on in (
+      ("config.affine", not device_augment.is_identity(**config.affine)),
+      ("config.rotate_classes", config.rotate_classes),
+      ("config.eval.test_time_shift", config.eval.test_time_shift)) if on]
+  if moving:
+    raise ValueError(f"{' and '.join(moving)} transform the image on the device, after the "
+                     "frozen prefix the cache stores has already seen it: turn them off, or "
+                     "config.frozen_cache.enabled.")
+
+
+def augment_setting(config: ml_collections.ConfigDict):
+  """The ``augment`` argument of :func:`rankjax.data.train_batches` for ``config``.
+
+  ``config.augment`` says whether (``None``: the dataset's default), ``config.augment_options``
+  how.
+  """
+  if config.augment is None:
+    from rankjax import data  # pylint: disable=g-import-not-at-top
+    if not data.datasets.get_spec(config.dataset).augment:
+      return False
+  elif not config.augment:
+    return False
+  options = config.augment_options.to_dict()
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()}
 
 
 def check_rates_and_counts(config: ml_collections.ConfigDict) -> None:

@@ -19,8 +19,9 @@ margin                 ``beta``       ``[C]``            ``loss.margin.beta_lear
 =====================  =============  =================  ==========================================
 
 ``C`` is the number of training labels (:func:`rankjax.configs.num_train_labels`), ``D`` the
-embedding size, ``K`` ``loss.subcenter_arcface.sub_centers``. Proxies start as a standard normal
-draw (the losses normalise them); the margin loss's :math:`\beta` starts at ``loss.margin.beta``
+embedding size, ``K`` ``loss.subcenter_arcface.sub_centers``. Proxies start as a normal draw of
+variance ``2 / C`` (:func:`proxy_init`, Proxy-Anchor's reference initialisation; the losses
+normalise them); the margin loss's :math:`\beta` starts at ``loss.margin.beta``
 for every class (Wu et al. 2017 learn one per class).
 
 A new loss with parameters registers them here, e.g. one proxy per sub-centre and class and a
@@ -134,7 +135,19 @@ def proxy_learning_rate(config) -> float:
 
 
 def _class_proxies(key, num_classes, embedding_dim, **_):
-  return jax.random.normal(key, (num_classes, embedding_dim))
+  return proxy_init(key, (num_classes, embedding_dim))
+
+
+def proxy_init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  r"""Proxies of ``shape = (C, ..., D)`` drawn from :math:`\mathcal{N}(0, 2 / C)`.
+
+  Proxy-Anchor's reference code (Kim et al. 2020) initialises its ``[C, D]`` proxies with
+  PyTorch's ``kaiming_normal_(mode="fan_out")``, whose fan is the ``C`` rows. The losses only use
+  the proxies' directions, so the scale sets how far an optimizer step turns them: with Adam's
+  steps of about the learning rate per coordinate, a proxy of norm :math:`\sqrt{2D / C}` turns
+  several times faster than a standard normal one of norm :math:`\sqrt{D}`.
+  """
+  return jax.random.normal(key, shape) * jnp.sqrt(2.0 / shape[0])
 
 
 PROXIES = LossParam(init=_class_proxies, learning_rate=proxy_learning_rate)
@@ -143,7 +156,7 @@ register("normalized_softmax", proxies=PROXIES)
 register("arcface", proxies=PROXIES)
 register("cosface", proxies=PROXIES)
 register("subcenter_arcface", proxies=LossParam(
-    init=lambda key, num_classes, dim, *, sub_centers=3, **_: jax.random.normal(
+    init=lambda key, num_classes, dim, *, sub_centers=3, **_: proxy_init(
         key, (num_classes, sub_centers, dim)),
     learning_rate=proxy_learning_rate))
 register("margin", beta=LossParam(

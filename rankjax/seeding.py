@@ -30,7 +30,8 @@ import zlib
 import jax
 import numpy as np
 
-STREAMS = ("init", "loss_params", "data", "device_augment", "rotate_classes", "loss", "nmi")
+STREAMS = ("init", "loss_params", "data", "device_augment", "rotate_classes", "loss", "nmi",
+           "cache_view")
 
 
 def _stream_id(name: str) -> int:

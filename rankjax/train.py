@@ -17,6 +17,12 @@ the model's, trained in their own optimizer groups; with ``config.xbm.enabled`` 
 holds a cross-batch memory of past global batches (:mod:`rankjax.cross_batch`). Both are
 checkpointed with the optimizer state, so a resumed run continues exactly.
 
+A fresh run evaluates the validation split before its first step too (``step0/val/`` in
+``metrics.json``: where each curve starts; it never chooses the checkpoint). With
+``config.model.head_init="pca"`` the head starts on the principal axes of the training images'
+pooled features (:mod:`rankjax.head_init`); with ``config.frozen_cache.enabled`` training and
+evaluation read the frozen prefix's output from a cache built once (:mod:`rankjax.frozen_cache`).
+
 Protocol: every ``config.eval.every`` steps the *validation* split (classes carved from the
 training classes, :class:`rankjax.data.Protocol`) is evaluated and ``best/`` keeps the
 checkpoint with the best ``config.eval.best_metric``; at the end the test split
@@ -33,6 +39,7 @@ an embedding function.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -47,6 +54,8 @@ from flax import nnx
 from rankjax import checkpoint
 from rankjax import configs
 from rankjax import cross_batch
+from rankjax import frozen_cache
+from rankjax import head_init
 from rankjax import loss_params as loss_params_lib
 from rankjax import optim
 from rankjax import parallel
@@ -58,6 +67,8 @@ from rankjax.evaluation import test_time
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+# The validation metrics of a fresh run before its first step (the start of its curves).
+INITIAL_EVAL_FILE = "initial_eval.json"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -107,6 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "config.protocol.val_fraction > 0 (choosing by the test split would leak it), or "
         "config.eval.every=0.")
   model = build_model(config, info)
+  cache = (frozen_cache.open_or_build(config, model, mesh=mesh)
+           if config.frozen_cache.enabled else None)
   train_graphdef, eval_graphdef, params, model_state = train_state.split_model(model)
   embedding_dim = model.head.embedding_dim
   loss_params = init_loss_params(config, info, embedding_dim=embedding_dim)
@@ -165,25 +178,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  start_step)
 
   # --- Input: this host's part of each global batch, from the resumed position on. ---
-  batches = data.train_batches(
-      config.dataset, classes_per_batch=config.classes_per_batch,
-      samples_per_class=config.samples_per_class, image_size=config.image_size,
-      seed=seeding.stream_seed(config.seed, "data"), data_dir=config.data_dir,
-      augment=config.augment, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_shards=config.data_shards, protocol=protocol)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if cache is None:
+    batches = data.train_batches(
+        config.dataset, classes_per_batch=config.classes_per_batch,
+        samples_per_class=config.samples_per_class, image_size=config.image_size,
+        seed=seeding.stream_seed(config.seed, "data"), data_dir=config.data_dir,
+        augment=configs.augment_setting(config), start_step=start_step,
+        num_shards=config.data_shards, protocol=protocol, **hosts)
+  else:
+    batches = frozen_cache.train_batches(cache, config, start_step=start_step, **hosts)
 
   # --- Evaluators. ---
   embed = embed_lib.make_eval_embed_fn(eval_graphdef, config, mesh)
 
   def evaluate(variables: dict, split: str) -> dict[str, float]:
     views = len(test_time.shift_offsets(config.eval.test_time_shift))
-    logging.info("Evaluating on the %s split: embedding every image%s, then %s.", split,
+    logging.info("Evaluating on the %s split: embedding every image%s%s, then %s.", split,
                  f" in {views} shifted views" if views > 1 else "",
+                 " from the frozen cache" if cache is not None else "",
                  ", ".join(config.eval.metrics))
     start = time.perf_counter()
-    embeddings, labels = embed_lib.embed_split(embed, variables, mesh, config, split=split)
+    embeddings, labels = embed_lib.embed_split(embed, variables, mesh, config, split=split,
+                                               cache=cache)
     logging.info("Embedded %d images in %.1f s.", len(labels), time.perf_counter() - start)
     return {name: float(value) for name, value in evaluator.run(embeddings, labels)}
+
+  # --- A fresh run: the head's start, and the validation split where training starts. ---
+  if restored is None:
+    if config.model.head_init == "pca":
+      state["params"]["head"]["projection"] = jax.device_put(
+          head_init.pca_head_params(config, eval_graphdef, train_state.model_variables(state),
+                                    mesh, cache), parallel.replicated(mesh))
+      logging.info("Head initialised on the principal axes of the training images' features.")
+    if config.eval.every:
+      initial = evaluate(train_state.model_variables(state), "val")
+      logging.info("step 0 eval on val: %s", " ".join(f"{k} {v:.4f}" for k, v in initial.items()))
+      writer.scalars(0, {f"val/{k}": v for k, v in initial.items()})
+      if is_chief:
+        run_log.write_json_atomically(os.path.join(workdir, INITIAL_EVAL_FILE), initial)
 
   # --- Loop. ---
   progress = run_log.Progress(total_steps, start_step, global_batch_size)
@@ -224,6 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     report = {"checkpoint": "best", "checkpoint_step": int(best["step"]),
               "selected_by": f"val/{config.eval.best_metric}",
               **{f"val/{k}": v for k, v in best["metrics"].items()}}
+  initial_path = os.path.join(workdir, INITIAL_EVAL_FILE)
+  if config.eval.every and os.path.exists(initial_path):
+    with open(initial_path) as f:
+      report.update({f"step0/val/{k}": v for k, v in json.load(f).items()})
   logging.info("Final evaluation on the %s split of the %s checkpoint (step %d).",
                config.eval.split, report["checkpoint"], report["checkpoint_step"])
   metrics = evaluate(variables, config.eval.split)

@@ -109,9 +109,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
                     batch_outputs: bool = False) -> Callable[..., tuple]:
   """``step(state, batch) -> (state, metrics)``: one optimizer step on the global batch.
 
-  ``batch`` is ``{"image": f32[B, H, W, C], "label": int[B]}``; jit it with the shardings of
-  :mod:`rankjax.parallel` (train_and_evaluate does). ``metrics`` holds the loss, the gradient norm,
-  the learning rates and :func:`rankjax.diagnostics.batch_diagnostics` of the batch.
+  ``batch`` is ``{"image": f32[B, H, W, C], "label": int[B]}``, or ``{"activation": [B, h, w,
+  c], "label"}`` with the frozen prefix's output (:mod:`rankjax.frozen_cache`); jit it with the
+  shardings of :mod:`rankjax.parallel` (train_and_evaluate does). ``metrics`` holds the loss, the
+  gradient norm, the learning rates and :func:`rankjax.diagnostics.batch_diagnostics` of the batch.
   ``batch_transform(batch, step)``, if given, augments the batch on the device first (e.g.
   :func:`make_batch_transform`). With ``memory``, the loss adds its term against the cross-batch
   memory ``state["xbm"]`` (:func:`rankjax.cross_batch.loss_with_memory`), which the step updates,
@@ -134,7 +135,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     def compute_loss(trainable):
       params = {k: v for k, v in trainable.items() if k != LOSS_PARAMS}
       model = nnx.merge(graphdef, params, state["model_state"])
-      embeddings = model(batch["image"]).astype(jnp.float32)
+      if "activation" in batch:  # The frozen prefix's output (rankjax.frozen_cache).
+        embeddings = model.embed_from_frozen(batch["activation"]).astype(jnp.float32)
+      else:
+        embeddings = model(batch["image"]).astype(jnp.float32)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
       options = dict(trainable.get(LOSS_PARAMS, {}))
       if loss_key is not None:

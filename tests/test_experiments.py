@@ -264,13 +264,15 @@ def test_compare_losses_end_to_end_and_resume(tmp_path, cache):
   assert "compare_losses.py --losses=triplet_semihard,npairs" in md  # The command.
   best = max(rows.values(), key=lambda r: float(r["recall@1_mean"]))
   assert f"**{float(best['recall@1_mean']):.3f} ± {float(best['recall@1_std']):.3f}**" in md
-  # Training curves come from the TensorBoard scalars: validation R@1 at steps 2 and 4 (runlocal:
-  # 4 steps); the test split once, at the end, as metrics.json reports it.
+  # Training curves come from the TensorBoard scalars: validation R@1 at steps 0, 2 and 4
+  # (runlocal: 4 steps; step 0 is where training starts and chooses nothing); the test split once,
+  # at the end, as metrics.json reports it.
   scalars = sweep.read_scalars(os.path.join(out, "runs", "npairs", "seed0"))
   steps, values = scalars["val/recall@1"]
-  assert steps.tolist() == [2, 4]
+  assert steps.tolist() == [0, 2, 4]
   report = json.load(open(os.path.join(out, "runs", "npairs", "seed0", "metrics.json")))
-  assert report["val/recall@1"] == pytest.approx(values.max())
+  assert report["val/recall@1"] == pytest.approx(values[1:].max())
+  assert report["step0/val/recall@1"] == pytest.approx(values[0])
   steps, values = scalars["test/recall@1"]
   assert steps.tolist() == [4] and values[0] == pytest.approx(report["recall@1"])
 

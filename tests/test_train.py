@@ -505,8 +505,9 @@ def test_best_checkpoint_is_chosen_by_the_validation_split(tmp_path):
       for v in event.summary.value:
         if v.tag == "val/map@r":
           val[event.step] = float(tf.make_ndarray(v.tensor))
-  assert sorted(val) == [2, 4, 6]
-  best = max(val.values())
+  assert sorted(val) == [0, 2, 4, 6]  # Step 0: the untrained network, where the curve starts.
+  assert report["step0/val/map@r"] == pytest.approx(val.pop(0), abs=1e-6)
+  best = max(val.values())  # Step 0 never chooses the checkpoint.
   assert report["checkpoint"] == "best" and report["selected_by"] == "val/map@r"
   assert report["val/map@r"] == pytest.approx(best, abs=1e-6)
   assert val[report["checkpoint_step"]] == pytest.approx(best, abs=1e-6)

@@ -62,10 +62,13 @@ class Augment:
     scale: range of the crop's fraction of the image area (uniform).
     ratio: range of the crop's aspect ratio, width / height (log-uniform).
     flip: random horizontal flip.
+    antialias: anti-alias the resize of the crop (as the evaluation resize is); it matters only
+      where a crop is larger than the output and is shrunk.
   """
   scale: tuple[float, float] = preprocessing.DEFAULT_SCALE
   ratio: tuple[float, float] = preprocessing.DEFAULT_RATIO
   flip: bool = True
+  antialias: bool = False
 
   def __post_init__(self):
     lo, hi = self.scale
@@ -76,7 +79,7 @@ class Augment:
       raise ValueError(f"augment ratio must satisfy 0 < min <= max; got {self.ratio}.")
 
 
-def _resolve_augment(augment, spec: datasets.DatasetSpec) -> Augment | None:
+def resolve_augment(augment, spec: datasets.DatasetSpec) -> Augment | None:
   """None -> the dataset default; bool; an :class:`Augment`; or a mapping of its fields."""
   if augment is None:
     augment = spec.augment
@@ -154,13 +157,13 @@ def _close_pipelines():
   gc.collect()
 
 
-def _tf_seed_word(*words: int) -> int:
+def tf_seed_word(*words: int) -> int:
   """A 63-bit word mixing ``words``, the first half of the per-example stateless seeds."""
   state = np.random.SeedSequence([w % (1 << 64) for w in words]).generate_state(1, np.uint64)[0]
   return int(state >> np.uint64(1))
 
 
-def _dataset_options(threads: int | None) -> tf.data.Options:
+def dataset_options(threads: int | None) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   if threads is not None:
@@ -209,8 +212,8 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
   size = _check_int("image_size", image_size, 1)
   start_step = _check_int("start_step", start_step, 0)
   seed = _check_int("seed", seed, -(1 << 63))
-  aug = _resolve_augment(augment, datasets.get_spec(name))
-  source, positions, labels, sampler, (h, n) = _train_plan(
+  aug = resolve_augment(augment, datasets.get_spec(name))
+  source, positions, labels, sampler, (h, n) = train_plan(
       name, classes_per_batch, samples_per_class, seed, data_dir, process_index, process_count,
       num_shards, protocol)
   spec = source.spec
@@ -234,7 +237,7 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
     payload_spec = tf.TensorSpec([local_batch], tf.string)
   # Augmentation keys depend on the example's slot in the global batch, not on the host: the same
   # global batch gets the same crops however many hosts share it.
-  seed_word = _tf_seed_word(seed, sampler.num_shards, 0)
+  seed_word = tf_seed_word(seed, sampler.num_shards, 0)
   first_slot = sampler.shard_range[0] * (local_batch // len(sampler.shard_range))
   global_batch = sampler.num_shards * (local_batch // len(sampler.shard_range))
 
@@ -256,7 +259,7 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
       fn = (preprocessing.train_preprocess_decoded if spec.in_memory else
             preprocessing.train_preprocess_encoded)
       image = fn(item, ex_seed, image_size=size, num_channels=channels, scale=aug.scale,
-                 ratio=aug.ratio, flip=aug.flip)
+                 ratio=aug.ratio, flip=aug.flip, antialias=aug.antialias)
     return {"image": image, "label": label}
 
   ds = tf.data.Dataset.from_generator(
@@ -264,10 +267,10 @@ def train_batches(name: str, *, classes_per_batch: int, samples_per_class: int, 
                                tf.TensorSpec([local_batch], tf.int64)))
   ds = ds.unbatch().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
-  return _Pipeline(ds.with_options(_dataset_options(threads)))
+  return _Pipeline(ds.with_options(dataset_options(threads)))
 
 
-def _train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, process_index,
+def train_plan(name, classes_per_batch, samples_per_class, seed, data_dir, process_index,
                 process_count, num_shards=None, protocol=None):
   """Checks the batch arguments; returns this host's positions, labels and sampler."""
   p = _check_int("classes_per_batch", classes_per_batch, 1)
@@ -351,7 +354,7 @@ def epoch_steps(name: str, *, classes_per_batch: int, samples_per_class: int, da
   ``ceil(C / P) * max_c ceil(n_c / K)`` over the classes of each of this host's data shards
   (see :class:`~rankjax.data.sampling.ClassBalancedSampler`); the same for every seed.
   """
-  sampler = _train_plan(name, classes_per_batch, samples_per_class, 0, data_dir, process_index,
+  sampler = train_plan(name, classes_per_batch, samples_per_class, 0, data_dir, process_index,
                         process_count, num_shards, protocol)[3]
   return sampler.steps_per_epoch
 
@@ -385,20 +388,12 @@ def eval_batches(name: str, *, batch_size: int, image_size: int, split: str = "t
     (``mask`` False, ``label`` -1, image 0) so every host yields the same number of batches and
     no image is dropped or repeated.
   """
-  batch_size = _check_int("batch_size", batch_size, 1)
   size = _check_int("image_size", image_size, 1)
-  h, n = sampling.check_process(process_index, process_count)
-  if batch_size % n:
-    raise ValueError(f"batch_size={batch_size} is not divisible by process_count={n}.")
-  local_batch = batch_size // n
   source = datasets.get_source(name, data_dir, protocol)
   spec = source.spec
-  positions = source.positions(split)
-  if not positions.size:
-    raise ValueError(f"The {split!r} split of {name!r} has no images.")
-  start, stop = sampling.even_shard(positions.size, h, n)
-  mine = positions[start:stop]
-  num_batches = math.ceil(math.ceil(positions.size / n) / local_batch)
+  mine, local_batch, num_batches = eval_shard(source, split, batch_size, process_index,
+                                              process_count, name)
+  n = sampling.check_process(process_index, process_count)[1]
   labels = source.labels[mine].astype(np.int32)
   if not mine.size:  # More hosts than images: this host only pads.
     chunks = ()
@@ -407,11 +402,29 @@ def eval_batches(name: str, *, batch_size: int, image_size: int, split: str = "t
     chunks = (images[i:i + local_batch] for i in range(0, mine.size, local_batch))
     chunks = (_normalize_np(c, spec.num_channels) for c in chunks)
   else:
-    chunks = _stream_eval(source, mine, size, local_batch, n > 1, threads)
-  return _padded(chunks, labels, local_batch, num_batches, size, spec.num_channels, name)
+    chunks = stream_eval(source, mine, size, local_batch, n > 1, threads)
+  return padded(chunks, labels, local_batch, num_batches, (size, size, spec.num_channels),
+                name)
 
 
-def _stream_eval(source, positions, size, local_batch, slice_reads, threads):
+def eval_shard(source, split: str, batch_size, process_index, process_count, name: str
+               ) -> tuple[np.ndarray, int, int]:
+  """``(positions, local batch, batches)`` of this host's contiguous shard of ``split``: every
+  host walks the same number of batches (the last ones padded)."""
+  batch_size = _check_int("batch_size", batch_size, 1)
+  h, n = sampling.check_process(process_index, process_count)
+  if batch_size % n:
+    raise ValueError(f"batch_size={batch_size} is not divisible by process_count={n}.")
+  local_batch = batch_size // n
+  positions = source.positions(split)
+  if not positions.size:
+    raise ValueError(f"The {split!r} split of {name!r} has no images.")
+  start, stop = sampling.even_shard(positions.size, h, n)
+  num_batches = math.ceil(math.ceil(positions.size / n) / local_batch)
+  return positions[start:stop], local_batch, num_batches
+
+
+def stream_eval(source, positions, size, local_batch, slice_reads, threads):
   spec = source.spec
 
   def prepare(encoded, label):
@@ -422,7 +435,7 @@ def _stream_eval(source, positions, size, local_batch, slice_reads, threads):
 
   ds = source.stream_encoded(positions, slice_reads=slice_reads).map(
       lambda e, y: (prepare(e, y), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch).prefetch(2).with_options(_dataset_options(threads))
+  ds = ds.batch(local_batch).prefetch(2).with_options(dataset_options(threads))
   offset = 0
   for images, labels in ds.as_numpy_iterator():
     expected = source.raw_labels[positions[offset:offset + labels.size]]
@@ -437,23 +450,27 @@ def _stream_eval(source, positions, size, local_batch, slice_reads, threads):
                        f"{positions.size}.")
 
 
-def _padded(chunks, labels, local_batch, num_batches, size, channels, name):
+def padded(chunks, labels, local_batch, num_batches, row_shape, name, *, key: str = "image",
+           dtype=np.float32):
+  """Batches of ``local_batch`` rows from ``chunks`` (arrays ``[n, *row_shape]``), with ``label``
+  and ``mask``; the last ones padded with zero rows (``mask`` False, ``label`` -1) up to
+  ``num_batches`` batches."""
   offset = 0
-  for images in chunks:
-    count = images.shape[0]
+  row_shape = tuple(row_shape)
+  for rows in chunks:
+    count = rows.shape[0]
     label = np.full([local_batch], PADDING_LABEL, np.int32)
     label[:count] = labels[offset:offset + count]
     mask = np.arange(local_batch) < count
     if count < local_batch:
-      images = np.concatenate(
-          [images, np.zeros([local_batch - count, size, size, channels], np.float32)])
+      rows = np.concatenate([rows, np.zeros([local_batch - count, *row_shape], rows.dtype)])
     offset += count
     num_batches -= 1
-    yield {"image": images, "label": label, "mask": mask}
+    yield {key: rows, "label": label, "mask": mask}
   if offset != labels.size:
     raise RuntimeError(f"{name}: evaluation yielded {offset} images, expected {labels.size}.")
   for _ in range(num_batches):  # A host whose shard is one image short pads a whole batch.
-    yield {"image": np.zeros([local_batch, size, size, channels], np.float32),
+    yield {key: np.zeros([local_batch, *row_shape], dtype),
            "label": np.full([local_batch], PADDING_LABEL, np.int32),
            "mask": np.zeros([local_batch], bool)}
 

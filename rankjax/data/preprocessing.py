@@ -140,10 +140,12 @@ def _crop_window(height, width, seed, scale, ratio, attempts: int = 10) -> tf.Te
 
 def train_preprocess_encoded(encoded: tf.Tensor, seed: tf.Tensor, *, image_size: int,
                              num_channels: int, scale=DEFAULT_SCALE,
-                             ratio=DEFAULT_RATIO, flip: bool = True) -> tf.Tensor:
+                             ratio=DEFAULT_RATIO, flip: bool = True,
+                             antialias: bool = False) -> tf.Tensor:
   """Encoded image bytes -> augmented, normalised float32 [S, S, C].
 
-  ``seed`` is an int32/int64 [2] stateless seed, unique per example.
+  ``seed`` is an int32/int64 [2] stateless seed, unique per example; ``antialias`` filters the
+  resize of a crop larger than ``S`` (as the evaluation resize does).
   """
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
@@ -163,23 +165,23 @@ def train_preprocess_encoded(encoded: tf.Tensor, seed: tf.Tensor, *, image_size:
 
   crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
   crop.set_shape([None, None, num_channels])
-  return _resize_flip_normalize(crop, flip_seed, image_size, num_channels, flip)
+  return _resize_flip_normalize(crop, flip_seed, image_size, num_channels, flip, antialias)
 
 
 def train_preprocess_decoded(image: tf.Tensor, seed: tf.Tensor, *, image_size: int,
                              num_channels: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO,
-                             flip: bool = True) -> tf.Tensor:
+                             flip: bool = True, antialias: bool = False) -> tf.Tensor:
   """Decoded uint8 [H, W, C] -> augmented, normalised float32 [S, S, num_channels]."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   shape = tf.shape(image)
   window = _crop_window(shape[0], shape[1], crop_seed, scale, ratio)
   crop = tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
   crop = to_channels(tf.cast(crop, tf.float32), num_channels)
-  return _resize_flip_normalize(crop, flip_seed, image_size, num_channels, flip)
+  return _resize_flip_normalize(crop, flip_seed, image_size, num_channels, flip, antialias)
 
 
-def _resize_flip_normalize(crop, flip_seed, image_size, num_channels, flip):
-  image = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=False)
+def _resize_flip_normalize(crop, flip_seed, image_size, num_channels, flip, antialias):
+  image = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=antialias)
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return normalize(tf.clip_by_value(image, 0.0, 255.0), num_channels)

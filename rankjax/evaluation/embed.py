@@ -21,17 +21,23 @@ from rankjax.evaluation import test_time
 
 
 def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None, *,
-                  test_time_shift: int = 0, normalize_views: bool = False
-                  ) -> Callable[[dict, jax.Array], jax.Array]:
+                  test_time_shift: int = 0, normalize_views: bool = False,
+                  from_frozen: bool = False) -> Callable[[dict, jax.Array], jax.Array]:
   """``embed(model_variables, images) -> f32[B, E]`` in eval mode, jitted (sharded on ``mesh``).
 
   ``test_time_shift=s > 0`` returns the mean embedding of the ``(2s + 1)^2`` copies of each image
   shifted by up to ``s`` pixels, each view L2-normalised first if ``normalize_views``
-  (:mod:`rankjax.evaluation.test_time`).
+  (:mod:`rankjax.evaluation.test_time`). ``from_frozen=True`` takes the frozen prefix's
+  activations in place of images (:mod:`rankjax.frozen_cache`; no shifts then).
   """
+  if from_frozen and test_time_shift:
+    raise ValueError("Test-time shifts move the image, which cached activations no longer hold: "
+                     "set config.eval.test_time_shift=0 with config.frozen_cache.enabled.")
 
   def embed(variables, images):
     model = nnx.merge(eval_graphdef, variables["params"], variables["model_state"])
+    if from_frozen:
+      return model.embed_from_frozen(images).astype(jnp.float32)
     return test_time.mean_over_shifts(lambda x: model(x).astype(jnp.float32), images,
                                       test_time_shift, normalize=normalize_views)
 
@@ -47,26 +53,34 @@ def make_eval_embed_fn(eval_graphdef: nnx.GraphDef, config: ml_collections.Confi
   """:func:`make_embed_fn` with the evaluation's test-time shifts (``config.eval.test_time_shift``;
   views averaged on the unit sphere when ``config.eval.distance`` is cosine)."""
   return make_embed_fn(eval_graphdef, mesh, test_time_shift=config.eval.test_time_shift,
-                       normalize_views=config.eval.distance == "cosine")
+                       normalize_views=config.eval.distance == "cosine",
+                       from_frozen=bool(config.frozen_cache.enabled))
 
 
 def embed_split(embed: Callable, variables: dict, mesh: jax.sharding.Mesh,
-                config: ml_collections.ConfigDict, *, split: str | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                config: ml_collections.ConfigDict, *, split: str | None = None,
+                cache=None) -> tuple[np.ndarray, np.ndarray]:
   """Embeds every image of ``split`` (default ``config.eval.split``) once, on the host.
 
   Returns ``(f32[N, E], int32[N])``. With several processes each embeds its shard; every process
   gets all ``N`` embeddings, in the split's own order (so the metrics equal a single process's).
+  With a :class:`rankjax.frozen_cache.Cache`, ``embed`` takes the cached activations (a
+  ``from_frozen`` embed function) instead of images.
   """
-  from rankjax import data  # pylint: disable=g-import-not-at-top
+  from rankjax import data, frozen_cache  # pylint: disable=g-import-not-at-top
+  split = split or config.eval.split
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if cache is None:
+    batches, key = data.eval_batches(
+        config.dataset, batch_size=config.eval.batch_size, image_size=config.image_size,
+        split=split, data_dir=config.data_dir, protocol=config.protocol, **hosts), "image"
+  else:
+    batches, key = frozen_cache.eval_batches(
+        cache, config, split=split, batch_size=config.eval.batch_size, **hosts), "activation"
   outs = []
-  for host_batch in data.eval_batches(
-      config.dataset, batch_size=config.eval.batch_size, image_size=config.image_size,
-      split=split or config.eval.split, data_dir=config.data_dir,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      protocol=config.protocol):
+  for host_batch in batches:
     batch = parallel.global_batch(host_batch, mesh)
-    outs.append(parallel.to_host({"embedding": embed(variables, batch["image"]),
+    outs.append(parallel.to_host({"embedding": embed(variables, batch[key]),
                                   "label": batch["label"], "mask": batch["mask"]}))
   out = {k: parallel.process_order(np.concatenate([o[k] for o in outs]), config.eval.batch_size)
          for k in outs[0]}

@@ -169,14 +169,33 @@ class EfficientNetLite(nnx.Module):
     self.downsampling = 2 * 2**sum(stage[2] == 2 for stage in stages)
 
   def __call__(self, images: jax.Array) -> jax.Array:
+    x = self.frozen_prefix(images)
+    if self.frozen_blocks:
+      x = jax.lax.stop_gradient(x)
+    return self.from_frozen(x)
+
+  def frozen_prefix(self, images: jax.Array) -> jax.Array:
+    """The stem and the first ``frozen_blocks`` blocks: ``f32[B, H, W, C] -> [B, h, w, c]``.
+
+    With ``frozen_blocks > 0`` its output depends on the image alone (fixed weights, BatchNorm on
+    its running averages), which is what lets :mod:`rankjax.frozen_cache` compute it once.
+    """
     x = layers.apply_input_transform(images, self.input_transform).astype(self.dtype)
     x = jax.nn.relu6(self.stem_bn(self.stem_conv(x)))
-    for i, block in enumerate(self.blocks):
-      if i == self.frozen_blocks and i > 0:
-        x = jax.lax.stop_gradient(x)
+    for block in self.blocks[:self.frozen_blocks]:
       x = block(x)
-    if self.frozen_blocks == len(self.blocks):
-      x = jax.lax.stop_gradient(x)
+    return x
+
+  def frozen_modules(self) -> list[tuple[str, nnx.Module]]:
+    """``(name, module)`` of what :meth:`frozen_prefix` runs: the stem and the frozen blocks."""
+    return [("stem_conv", self.stem_conv), ("stem_bn", self.stem_bn),
+            *((f"blocks/{i}", self.blocks[i]) for i in range(self.frozen_blocks))]
+
+  def from_frozen(self, activations: jax.Array) -> jax.Array:
+    """The part that trains, on the output of :meth:`frozen_prefix`: ``-> [B, h', w', 1280]``."""
+    x = jnp.asarray(activations).astype(self.dtype)
+    for block in self.blocks[self.frozen_blocks:]:
+      x = block(x)
     return jax.nn.relu6(self.head_bn(self.head_conv(x)))
 
   def logits(self, images: jax.Array) -> jax.Array:

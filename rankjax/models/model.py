@@ -41,6 +41,7 @@ from flax import nnx
 import numpy as np
 
 from rankjax.models import efficientnet, resnet, small, weights
+from rankjax.models import head as head_lib
 from rankjax.models.head import EmbeddingHead
 
 
@@ -158,6 +159,37 @@ class EmbeddingModel(nnx.Module):
                        f"{images.dtype}.")
     check_image_size(self.model_name, images.shape[1:3])
     return self.head(self.backbone(images))
+
+  @property
+  def frozen_blocks(self) -> int:
+    """How many blocks after the stem keep their weights (0: the backbone has no frozen prefix)."""
+    return getattr(self.backbone, "frozen_blocks", 0)
+
+  def _check_frozen_prefix(self) -> None:
+    if not self.frozen_blocks:
+      raise ValueError(
+          f"model {self.model_name!r} has no frozen prefix to compute apart: a frozen-trunk "
+          "cache needs an encoder built with backbone_options={'frozen_blocks': n}, n > 0 "
+          "(efficientnet_lite0).")
+
+  def frozen_prefix(self, images: jax.Array) -> jax.Array:
+    """The backbone's frozen stem and blocks: images ``[B, H, W, C]`` -> activations."""
+    self._check_frozen_prefix()
+    return self.backbone.frozen_prefix(jnp.asarray(images))
+
+  def embed_from_frozen(self, activations: jax.Array) -> jax.Array:
+    """``model(images)`` given ``frozen_prefix(images)``: the trained blocks and the head."""
+    self._check_frozen_prefix()
+    return self.head(self.backbone.from_frozen(activations))
+
+  def pooled_from_frozen(self, activations: jax.Array) -> jax.Array:
+    """``f32[B, F]``: the head's pooled input (before its projection), from the activations."""
+    self._check_frozen_prefix()
+    return head_lib.global_pool(self.backbone.from_frozen(activations), self.head.pooling)
+
+  def pooled_features(self, images: jax.Array) -> jax.Array:
+    """``f32[B, F]``: the backbone's globally pooled features, the head's input."""
+    return head_lib.global_pool(self.backbone(jnp.asarray(images)), self.head.pooling)
 
 
 def _importers():
