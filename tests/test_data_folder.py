@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 import tensorflow as tf
 
+from rankjax import configs
 from rankjax import data
 from rankjax.data import datasets
 from rankjax.data import image_folder
@@ -314,9 +315,26 @@ def test_photo_configs(name, arg, dataset):
     _config(name, f"{arg},imagenet_features,random_init")
 
 
+@pytest.mark.parametrize("name, arg", [("cars196", "contrastive,offline"),
+                                       ("cub200", "npairs,offline"), ("lfw", "arcface")])
+def test_the_cache224_recipe_and_its_baselines(name, arg):
+  base = _config(name, arg)
+  c = _config(name, f"{arg},cache224")
+  configs.check_config(c)
+  assert (c.image_size, c.frozen_cache.enabled, c.model.head_init) == (224, True, "pca")
+  assert c.model.backbone_options.frozen_blocks == 16 and c.frozen_cache.views == 8
+  assert c.train.checkpoint_every == c.eval.every  # Every evaluation has its checkpoint.
+  assert (c.loss.name, c.classes_per_batch, c.samples_per_class) == (
+      base.loss.name, base.classes_per_batch, base.samples_per_class)
+  features = _config(name, f"{arg},cache224,imagenet_features")
+  configs.check_config(features)
+  assert (features.image_size, features.train.steps, features.model.embedding_dim) == (224, 0, None)
+  assert features.model.head_init == "random" and features.frozen_cache.enabled
+
+
 @pytest.mark.parametrize("name", ["cars196", "cub200"])
 def test_baselines_of_the_fine_grained_sets_need_offline(name):
-  with pytest.raises(ValueError, match="baselines of the CPU recipe: add 'offline'"):
+  with pytest.raises(ValueError, match="flags of the CPU recipe: add 'offline'"):
     _config(name, "npairs,imagenet_features")
 
 

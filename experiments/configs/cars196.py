@@ -48,10 +48,10 @@ from rankjax import recipes
 def get_config(arg: str | None = None):
   loss, flags = configs.parse_arg(arg, default_loss="triplet_semihard",
                                   allowed_flags=recipes.FINE_GRAINED_FLAGS + ("offline",)
-                                  + recipes.CPU_PHOTO_BASELINES)
-  if flags & set(recipes.CPU_PHOTO_BASELINES) and "offline" not in flags:
-    raise ValueError(f"{', '.join(recipes.CPU_PHOTO_BASELINES)} are baselines of the CPU recipe: "
-                     "add 'offline'.")
+                                  + recipes.CPU_PHOTO_BASELINES + recipes.CPU_PHOTO_VARIANTS)
+  cpu_only = recipes.CPU_PHOTO_BASELINES + recipes.CPU_PHOTO_VARIANTS
+  if flags & set(cpu_only) and "offline" not in flags:
+    raise ValueError(f"{', '.join(cpu_only)} are flags of the CPU recipe: add 'offline'.")
   if "offline" in flags:
     if flags & {"wang2017", "hermans2017"}:
       raise ValueError("'offline' is the CPU recipe; it does not combine with a published one.")
