@@ -460,3 +460,21 @@ def test_sweep_reuses_a_run_made_before_a_config_field_was_added(tmp_path):
   with pytest.raises(ValueError, match=r"affine: \(absent\) in the run"):
     sweep.check_same_config(config, str(tmp_path))
   assert configs.base_config().affine.shift == 0.0
+
+
+def test_validation_curves_reads_start_best_and_speed(tmp_path):
+  from experiments import validation_curves  # pylint: disable=g-import-not-at-top
+  from rankjax import run_log  # pylint: disable=g-import-not-at-top
+  writer = run_log.SummaryWriter(str(tmp_path / "run" / "tensorboard"))
+  for step, value in ((0, 0.10), (100, 0.15), (200, 0.195), (300, 0.20), (400, 0.18)):
+    writer.scalars(step, {"val/map@r": value})
+  writer.close()
+  row = validation_curves.curve_row(str(tmp_path / "run"), "map@r")
+  # 90% of the gain 0.10 -> 0.20 is 0.19, first reached at step 200.
+  assert row == {"run": "run", "start": pytest.approx(0.10), "best": pytest.approx(0.20),
+                 "best_step": 300, "last": pytest.approx(0.18), "last_step": 400,
+                 "steps_to_90": 200}
+  assert "| run | 0.1000 | 0.2000 (300) | 0.1800 (400) | 200 |" in validation_curves.table(
+      [str(tmp_path / "run")], "map@r")
+  with pytest.raises(ValueError, match="no val/recall@1"):
+    validation_curves.curve_row(str(tmp_path / "run"), "recall@1")

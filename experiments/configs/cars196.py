@@ -32,13 +32,17 @@ train-annotation half (8,144 images, all 196 classes, about half of each class's
 ``cars196/<NNN>_<Make_Model_Year>/*.jpg``): classes 1-98 train (the last 20 of them validate),
 99-196 (4,092 images) test. Unpack the tar into DATA_DIR; the CPU recipe
 is :func:`rankjax.recipes.cpu_photo_recipe` (ImageNet EfficientNet-Lite0 fine-tuned at 112 px).
-``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained
-baselines (pooled features of the ImageNet network, and of a random one). Numbers from it are of
-that partial set, not the full benchmark::
+``:<loss>,offline,cache224`` is the CPU recipe at 224 px from a frozen-trunk cache (built in
+DATA_DIR on the first run, reused by every later one; ``,imagenet_features`` added gives the
+features at 224 px). ``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init``
+are the untrained baselines (pooled features of the ImageNet network, and of a random one).
+Numbers from it are of that partial set, not the full benchmark::
 
   tar xf cars196_half.tar -C DATA_DIR
   python -m rankjax.main --config=experiments/configs/cars196.py:npairs,offline \
       --config.data_dir=DATA_DIR --workdir=/tmp/cars196_half_npairs
+  python -m rankjax.main --config=experiments/configs/cars196.py:npairs,offline,cache224 \
+      --config.data_dir=DATA_DIR --workdir=/tmp/cars196_half_npairs_224
 """
 
 from rankjax import configs

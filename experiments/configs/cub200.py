@@ -32,13 +32,17 @@ classes (2,889 images; ``cub200/<NNN.Name>/*.jpg``): classes 1-25 train (the las
 validate), 26-50 test; the N-pair family trains on 20 classes x 2, every training class. Unpack
 the tar into DATA_DIR; the CPU recipe is :func:`rankjax.recipes.cpu_photo_recipe` (ImageNet
 EfficientNet-Lite0 fine-tuned at 112 px).
-``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init`` are the untrained
-baselines (pooled features of the ImageNet network, and of a random one). Numbers from it are of
-that partial set, not the full benchmark::
+``:<loss>,offline,cache224`` is the CPU recipe at 224 px from a frozen-trunk cache (built in
+DATA_DIR on the first run, reused by every later one; ``,imagenet_features`` added gives the
+features at 224 px). ``:<loss>,offline,imagenet_features`` and ``:<loss>,offline,random_init``
+are the untrained baselines (pooled features of the ImageNet network, and of a random one).
+Numbers from it are of that partial set, not the full benchmark::
 
   tar xf cub200_first50.tar -C DATA_DIR
   python -m rankjax.main --config=experiments/configs/cub200.py:npairs,offline \
       --config.data_dir=DATA_DIR --workdir=/tmp/cub200_first50_npairs
+  python -m rankjax.main --config=experiments/configs/cub200.py:npairs,offline,cache224 \
+      --config.data_dir=DATA_DIR --workdir=/tmp/cub200_first50_npairs_224
 """
 
 from rankjax import configs

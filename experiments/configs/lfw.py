@@ -18,6 +18,11 @@ Recipe: :func:`rankjax.recipes.cpu_photo_recipe` at 112 px (faces are grayscale:
 the gray channel repeated as RGB). ``:<loss>,imagenet_features`` and ``:<loss>,random_init``
 evaluate the baselines (the ImageNet network's pooled features without training, and a random
 network's); ``:<loss>,runlocal`` is a few steps of a tiny ResNet (smoke tests).
+``:<loss>,cache224`` is the recipe at 224 px from a frozen-trunk cache (built in DATA_DIR on the
+first run, reused later)::
+
+  python -m rankjax.main --config=experiments/configs/lfw.py:triplet_hard,cache224 \
+      --config.data_dir=DATA_DIR --workdir=/tmp/lfw_triplet_hard_224
 """
 
 from rankjax import configs
