@@ -417,3 +417,25 @@ def test_the_pca_head_is_the_same_from_the_cache_and_from_images(folder, tmp_pat
       str(tmp_path / "random"))
   assert got == pytest.approx(want, abs=1e-4)
   assert got != pytest.approx(random_head, abs=1e-4)
+
+
+def test_hosts_read_their_shards_and_together_make_the_global_batch(folder, tmp_path):
+  config = _config(folder, tmp_path, augment=True, data_shards=2, **{
+      "frozen_cache.views": 3, "frozen_cache.dtype": "float16"})
+  cache = frozen_cache.open_or_build(config, _model(config))
+  one = frozen_cache.train_batches(cache, config, process_index=0, process_count=1)
+  hosts = [frozen_cache.train_batches(cache, config, process_index=h, process_count=2)
+           for h in (0, 1)]
+  for _ in range(3):
+    want = next(one)
+    parts = [next(h) for h in hosts]
+    assert parts[0]["label"].size == want["label"].size // 2
+    for key in ("activation", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+  # Evaluation: each host its contiguous shard, padded to the same number of batches.
+  whole = list(frozen_cache.eval_batches(cache, config, split="test", batch_size=16))
+  halves = [list(frozen_cache.eval_batches(cache, config, split="test", batch_size=16,
+                                           process_index=h, process_count=2)) for h in (0, 1)]
+  assert len(halves[0]) == len(halves[1])
+  got = np.concatenate([b["activation"][b["mask"]] for h in halves for b in h])
+  np.testing.assert_array_equal(got, np.concatenate([b["activation"][b["mask"]] for b in whole]))
