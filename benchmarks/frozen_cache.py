@@ -126,7 +126,8 @@ def build_row(dataset: str, frozen: int, args) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sizes", type=int, nargs="+", default=[112, 160, 224])
+  parser.add_argument("--sizes", type=int, nargs="*", default=[112, 160, 224],
+                      help="Step sizes to time; none: only the build table.")
   parser.add_argument("--frozen", type=int, nargs="+", default=[11, 15])
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--repeats", type=int, default=3)
