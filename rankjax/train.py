@@ -47,6 +47,7 @@ from flax import nnx
 from rankjax import checkpoint
 from rankjax import configs
 from rankjax import cross_batch
+from rankjax import faults
 from rankjax import loss_params as loss_params_lib
 from rankjax import optim
 from rankjax import parallel
@@ -191,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.global_batch(next(batches), mesh)
     state, step_metrics, outputs = train_step(state, batch)
+    faults.point("train", step)
     window.append(step_metrics)
     if step == start_step + 1:
       progress.compiled(state["step"])
@@ -206,10 +208,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step % config.train.checkpoint_every == 0 or step == total_steps:
       ckpts.save(step, train_state.model_variables(state), train_state.training_variables(state),
                  force=True)
+      faults.point("save", step)
     if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
       with progress.paused(state["step"]):  # Evaluation time is not training throughput.
         ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
         val_metrics = evaluate(train_state.model_variables(state), "val")
+        faults.point("val", step)
         logging.info("step %d eval on val: %s", step,
                      " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
         writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
@@ -227,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Final evaluation on the %s split of the %s checkpoint (step %d).",
                config.eval.split, report["checkpoint"], report["checkpoint_step"])
   metrics = evaluate(variables, config.eval.split)
+  faults.point("test", total_steps)
   logging.info("%s: %s", config.eval.split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
   writer.scalars(int(state["step"]), {f"{config.eval.split}/{k}": v for k, v in metrics.items()})
   ckpts.close()
