@@ -396,3 +396,26 @@ def test_a_coordinator_port_in_use_is_a_clear_error_that_stops_the_job(tmp_path)
   assert code != 0
   assert f"cannot listen on the coordinator address 127.0.0.1:{port}" in log, log[-3000:]
   assert time.monotonic() - start < 120
+
+
+VALIDATED = ("--config.classes_per_batch=2", "--config.eval.every=8",
+             "--config.protocol.val_fraction=0.4")  # Digits 3-4 validate, 0-2 train.
+
+
+def test_a_job_killed_during_a_validation_evaluation_resumes_to_the_same_best(tmp_path):
+  """Both processes die (SIGKILL, rankjax.faults) in the validation evaluation of step 16, whose
+  checkpoint is written: the relaunched job redoes it and reports what an uninterrupted job does."""
+  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+  code, log = _run(_launch_command(reference, 2, 2, *VALIDATED))
+  assert code == 0, log[-5000:]
+  env = dict(_env(), RANKJAX_FAULT="val@16")
+  first = subprocess.run(_launch_command(killed, 2, 2, *VALIDATED), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT + 60)
+  assert first.returncode != 0 and os.path.exists(
+      os.path.join(killed, checkpoint.LATEST_DIR, "16")), first.stdout[-3000:]
+  assert not os.path.exists(os.path.join(killed, train.METRICS_FILE))
+  code, log = _run(_launch_command(killed, 2, 2, *VALIDATED))
+  assert code == 0, log[-5000:]
+  for name in (train.METRICS_FILE, checkpoint.EVALUATIONS_FILE):
+    with open(os.path.join(killed, name)) as got, open(os.path.join(reference, name)) as want:
+      assert json.load(got) == json.load(want), name
