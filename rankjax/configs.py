@@ -58,6 +58,7 @@ import math
 import numbers
 from typing import Sequence
 
+from absl import logging
 import ml_collections
 from ml_collections import config_dict
 
@@ -221,6 +222,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50  # Logs the window's mean loss and the batch diagnostics of its last step.
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
+  # Running again on a workdir resumes it; a config other than its config.json is an error
+  # (rankjax.resume). True lets the cadence fields of rankjax.resume.SAFE_TO_CHANGE differ, and
+  # train.steps grow; every other field must still match.
+  c.train.allow_config_changes = False
 
   # Evaluation on the held-out classes (rankjax.evaluation).
   c.eval = ml_collections.ConfigDict()
@@ -331,6 +336,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.eval.split must be 'train', 'val' or 'test'; got "
                      f"{config.eval.split!r}.")
   _check_xbm(config)
+  _check_batch_layout(config)
   shards = config.data_shards
   if shards is not None and (not isinstance(shards, int) or shards <= 0 or
                              config.classes_per_batch % shards):
@@ -436,6 +442,22 @@ def _check_protocol(protocol: ml_collections.ConfigDict) -> None:
   if bool(protocol.train_classes) != bool(protocol.test_classes):
     raise ValueError("config.protocol.train_classes and test_classes go together: give both "
                      "(class folder names) or neither.")
+def _check_batch_layout(config):
+  """One class per batch leaves a loss without negatives (only the proxy losses have their own);
+  a pair-based loss reads one pair of each class, so K > 2 wastes the rest (a warning)."""
+  if config.classes_per_batch < 2 and config.loss.name not in PROXY_LOSSES:
+    raise ValueError(
+        f"config.classes_per_batch={config.classes_per_batch}: loss {config.loss.name!r} compares "
+        "each anchor with negatives of other classes in its batch, and a batch of one class has "
+        "none (the loss is 0 and nothing trains). Use classes_per_batch >= 2.")
+  if config.loss.name in PAIR_BASED_LOSSES and config.samples_per_class != 2:
+    logging.warning(
+        "Loss %r takes one (anchor, positive) pair of each class: with samples_per_class=%d it "
+        "uses 2 of the %d images of each class in a batch and ignores the rest. Set "
+        "config.samples_per_class=2 (configs.with_loss does).", config.loss.name,
+        config.samples_per_class, config.samples_per_class)
+
+
 def _check_xbm(config):
   if not config.xbm.enabled:
     return

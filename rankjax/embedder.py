@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from typing import Callable
 
 import jax
@@ -19,6 +20,7 @@ import numpy as np
 
 from rankjax import checkpoint
 from rankjax import configs
+from rankjax import resume
 from rankjax import train
 from rankjax.evaluation import embed as eval_embed
 from rankjax import train_state
@@ -51,17 +53,19 @@ def load_embedder(workdir: str, *, which: str = "latest",
   :func:`rankjax.data.preprocess_for_eval`) and returns numpy ``float32[B, E]`` embeddings,
   computed in eval mode (BatchNorm running averages) on the default device, with the run's
   test-time shifts (``config.eval.test_time_shift``): the embeddings its metrics were computed on.
-  The dataset itself is not needed: the model is rebuilt from the config and the dataset's spec
-  (its channels), and the checkpoint holds nothing of the loss that the embedder would need. (A
-  folder dataset takes its channels from its images: its prepared copy in ``data_dir`` is read.)
+
+  **What loading a workdir reads**: ``config.json`` and ``model.json`` (JSON, never executed)
+  and the ``model`` item of one checkpoint, nothing else. The model is rebuilt from the config
+  and the input channels that ``model.json`` records; no dataset is opened, no ``data_dir`` or
+  image folder the config names is listed or written, and no pretrained weights file it names is
+  read (the checkpoint holds the trained weights). A checkpoint that does not restore is a
+  :class:`rankjax.checkpoint.CorruptCheckpointError` naming its directory. The checkpoint files
+  are read by orbax/tensorstore: treat a workdir from elsewhere as you would any data file.
   """
   from rankjax import data  # pylint: disable=g-import-not-at-top
-  from rankjax.data import datasets  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
-  spec = datasets.get_spec(config.dataset)
-  if spec.num_channels is None:  # A folder: its channels come from its images.
-    spec = data.get_dataset_info(config.dataset, data_dir=config.data_dir,
-                                 protocol=config.protocol)
+  config.model.pretrained = None  # The checkpoint replaces whatever weights the config names.
+  spec = types.SimpleNamespace(num_channels=_recorded_channels(workdir, config))
   model = train.build_model(config, spec)
   _, eval_graphdef, params, model_state = train_state.split_model(model)
   variables, _ = checkpoint.restore_model(
@@ -88,3 +92,18 @@ def load_embedder(workdir: str, *, which: str = "latest",
     return np.concatenate(out) if out else np.zeros((0, model.head.embedding_dim), np.float32)
 
   return embed
+
+
+def _recorded_channels(workdir: str, config: ml_collections.ConfigDict) -> int:
+  """The model's input channels: from ``workdir/model.json``, else the dataset's fixed spec."""
+  from rankjax.data import datasets  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, resume.MODEL_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return int(json.load(f)["num_channels"])
+  channels = datasets.get_spec(config.dataset).num_channels
+  if channels is None:
+    raise FileNotFoundError(
+        f"{path} does not exist, and {config.dataset!r} takes its channels from its images: "
+        "the embedder does not open the dataset to find them. Is the run's record complete?")
+  return channels

@@ -8,7 +8,8 @@ devices, exactly as the hosts of a cluster do. Example (two processes x two CPU 
 digits data-parallel over four devices)::
 
   python -m rankjax.launch --num_processes=2 --cpu_devices=2 -- \
-      --config=experiments/configs/digits.py:triplet_semihard --workdir=/tmp/digits_2x2
+      --config=experiments/configs/digits.py:triplet_semihard --workdir=/tmp/digits_2x2 \
+      --config.classes_per_batch=4
 
 Each line a process prints is streamed with its prefix (``[p0] ...``). The launcher returns 0
 when every process does; as soon as one fails, on ``--timeout`` and on SIGINT / SIGTERM it stops

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -48,7 +49,9 @@ def initialize_distributed(*, coordinator_address: str | None = None,
   Kubernetes job, several processes on one machine) pass all three.
 
   Args:
-    coordinator_address: ``host:port`` of process 0, where JAX's coordination service listens.
+    coordinator_address: ``host:port`` of process 0, where JAX's coordination service listens
+      (on that address alone for a loopback host such as 127.0.0.1, on every interface
+      otherwise); a port already taken is an error naming it, before JAX starts.
     num_processes: the number of processes of the job.
     process_id: this process, in ``[0, num_processes)``.
     initialization_timeout: seconds to wait for every process to connect before failing.
@@ -70,12 +73,60 @@ def initialize_distributed(*, coordinator_address: str | None = None,
       raise ValueError(f"{name} must be at least 1 second; got {value}.")
   if jax.distributed.is_initialized():
     return
+  bind_address = coordinator_bind_address(coordinator_address)
+  if coordinator_address is not None and process_id == 0:
+    check_coordinator_port_free(coordinator_address, bind_address)
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              initialization_timeout=initialization_timeout,
-                             heartbeat_timeout_seconds=heartbeat_timeout)
+                             heartbeat_timeout_seconds=heartbeat_timeout,
+                             coordinator_bind_address=bind_address)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def coordinator_bind_address(coordinator_address: str | None) -> str | None:
+  """Where process 0's coordination service listens: ``HOST:PORT`` itself for a loopback host
+  (a job on one machine is reachable from this machine only), else None, JAX's default (every
+  interface, which the other hosts of a cluster need).
+
+  Example:
+    >>> coordinator_bind_address("127.0.0.1:8476")
+    '127.0.0.1:8476'
+    >>> coordinator_bind_address("10.0.0.2:8476") is None
+    True
+  """
+  if coordinator_address is None:
+    return None
+  host, _, port = coordinator_address.rpartition(":")
+  if host not in _LOOPBACK_HOSTS:
+    return None
+  return f"{'127.0.0.1' if host == 'localhost' else host}:{port}"
+
+
+def check_coordinator_port_free(coordinator_address: str, bind_address: str | None) -> None:
+  """Raises ``RuntimeError`` naming the address if process 0 cannot listen on its port.
+
+  JAX's own failure ("Failed to start RPC server") names neither the address nor the cause,
+  and the other processes would wait for the coordinator until their initialization timeout.
+  """
+  host, _, port = (bind_address or f"0.0.0.0:{coordinator_address.rpartition(':')[2]}"
+                   ).rpartition(":")
+  host = host.strip("[]")
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((host, int(port)))
+    except OSError as e:
+      raise RuntimeError(
+          f"Process 0 cannot listen on the coordinator address {coordinator_address} "
+          f"(binding {host}:{port}: {e.strerror}): another job or program holds the port. "
+          "Give a free port in --coordinator_address (python -m rankjax.launch picks one)."
+      ) from None
 
 
 def check_same_config(config: Any, workdir: str) -> None:

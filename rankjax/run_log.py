@@ -2,8 +2,7 @@ r"""What a training run tells its user and leaves on disk besides checkpoints.
 
 A progress line (bar, steps/s, images/s, ETA), TensorBoard scalars (written through
 ``tf.summary``; TensorFlow is already there for tf.data) and :func:`read_scalars` to read them
-back, a warning when a working directory is resumed with another config, Orbax's INFO logs kept
-out of the way, and JSON files written atomically.
+back, Orbax's INFO logs kept out of the way, and JSON files written atomically.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
 
@@ -115,29 +113,6 @@ def read_scalars(workdir: str, tag: str) -> dict[int, float]:
         if value.tag == tag:
           values[event.step] = float(tf.make_ndarray(value.tensor))
   return values
-
-
-def log_config_changes(path: str, config: ml_collections.ConfigDict) -> None:
-  """Warns when a workdir is resumed with a config other than the one it was started with."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    before = _flatten(json.load(f))
-  now = _flatten(json.loads(config.to_json_best_effort()))
-  changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-  if changed:
-    logging.warning("%s was written by a run with another config; changed: %s", path,
-                    ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def quiet_orbax_info_logs() -> None:

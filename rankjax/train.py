@@ -32,13 +32,17 @@ there were no validation evaluations). The test split never chooses anything.
 Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/``, see
 :mod:`rankjax.checkpoint`; TensorBoard scalars in ``tensorboard/`` (``train/``, ``val/``,
 ``test/``); ``metrics.json`` with the final evaluation and which checkpoint it is of
-(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics).
+(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics);
+``evaluations.json`` (the completed validation evaluations), ``model.json`` and ``run.lock``
+(resuming and its checks: :mod:`rankjax.resume`, :mod:`rankjax.workdir_lock`,
+:mod:`rankjax.health`).
 :func:`rankjax.load_embedder` turns the directory into
 an embedding function.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -54,19 +58,23 @@ from flax import nnx
 from rankjax import checkpoint
 from rankjax import configs
 from rankjax import cross_batch
+from rankjax import faults
 from rankjax import frozen_cache
 from rankjax import head_init
+from rankjax import health
 from rankjax import loss_params as loss_params_lib
 from rankjax import optim
 from rankjax import parallel
+from rankjax import resume
 from rankjax import run_log
 from rankjax import seeding
 from rankjax import train_state
+from rankjax import workdir_lock
 from rankjax.evaluation import embed as embed_lib
 from rankjax.evaluation import test_time
 
 METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = resume.CONFIG_FILE
 # The validation metrics of a fresh run before its first step (the start of its curves).
 INITIAL_EVAL_FILE = "initial_eval.json"
 
@@ -82,7 +90,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     The final evaluation on ``config.eval.split``: each of ``config.eval.metrics`` (by default
     ``recall@1/2/4/8``, ``map@r``, ``r_precision``, ``nmi``); also in ``workdir/metrics.json``.
+
+  Raises:
+    rankjax.workdir_lock.WorkdirInUseError: another run holds ``workdir``.
+    rankjax.resume.ConfigChangedError: ``workdir`` holds a run of another config.
+    rankjax.health.NonFiniteError: training diverged (the last good checkpoint is kept).
   """
+  with contextlib.ExitStack() as held:  # Releases the workdir's lock however the run ends.
+    return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        held: contextlib.ExitStack) -> dict[str, float]:
+  """The body of :func:`train_and_evaluate`; process 0 takes the workdir's lock into ``held``."""
   from rankjax import data, evaluation, losses, models  # pylint: disable=g-import-not-at-top
 
   # --- Config and logging (the evaluator first: a bad metric name fails before any work). ---
@@ -132,9 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Workdir and TensorBoard. ---
   os.makedirs(workdir, exist_ok=True)
   if is_chief:
-    run_log.log_config_changes(os.path.join(workdir, CONFIG_FILE), config)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    held.enter_context(workdir_lock.hold(workdir))  # One run (one job) per workdir.
+  resume.check_config(workdir, config)  # A different config is an error, before any change.
   writer = run_log.SummaryWriter(os.path.join(workdir, "tensorboard"), enabled=is_chief)
 
   # --- Optimizer, shardings and the update step. ---
@@ -172,10 +191,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     variables, training, progress = restored
     start_step = progress["data_position"]
+    resume.check_restored_step(progress["step"], total_steps, workdir)
     state = {**variables, **training,
              "step": jax.device_put(jnp.int32(progress["step"]), state_sharding["step"])}
     logging.info("Resumed from %s at step %d.", os.path.join(workdir, checkpoint.LATEST_DIR),
                  start_step)
+
+  if is_chief:
+    resume.write_config(workdir, config, num_channels=info.num_channels)  # Once restored.
 
   # --- Input: this host's part of each global batch, from the resumed position on. ---
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -218,12 +241,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if is_chief:
         run_log.write_json_atomically(os.path.join(workdir, INITIAL_EVAL_FILE), initial)
 
+  def validate(step: int) -> None:
+    """Evaluates the state of ``step`` on the validation split and keeps it if it is the best;
+    skipped when the run before a restart completed that evaluation (the same state)."""
+    if ckpts.evaluation(step) is not None:
+      logging.info("step %d: validation evaluation completed before the restart.", step)
+      return
+    guard.check(state["params"])  # A diverged state is not evaluated either.
+    with progress.paused(state["step"]):  # Evaluation time is not training throughput.
+      ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
+      val_metrics = evaluate(train_state.model_variables(state), "val")
+      faults.point("val", step)
+      logging.info("step %d eval on val: %s", step,
+                   " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
+      writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
+      ckpts.save_best(step, train_state.model_variables(state), val_metrics)
+
+  def validates(step: int) -> bool:
+    return bool(config.eval.every) and (step % config.eval.every == 0 or step == total_steps)
+
   # --- Loop. ---
   progress = run_log.Progress(total_steps, start_step, global_batch_size)
+  guard = health.FiniteGuard(describe_kept=ckpts.latest_description)
+  if restored is not None and validates(start_step):
+    validate(start_step)  # A kill during this evaluation left its checkpoint, not its result.
   window = []
   for step in range(start_step + 1, total_steps + 1):
     batch = parallel.global_batch(next(batches), mesh)
     state, step_metrics, outputs = train_step(state, batch)
+    faults.point("train", step)
+    guard.add(step, step_metrics)
     window.append(step_metrics)
     if step == start_step + 1:
       progress.compiled(state["step"])
@@ -232,21 +279,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       diagnosed = batch_diagnostics(outputs["embeddings"], outputs["label"])
       means.update({k: float(v) for k, v in jax.device_get(diagnosed).items()})
       window = []
+      guard.check()
       logging.info("%s | %s", progress(step),
                    " ".join(f"{k} {v:.4g}" for k, v in means.items() if "/" not in k))
       writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
                             **progress.rates(prefix="perf/")})
     if step % config.train.checkpoint_every == 0 or step == total_steps:
+      guard.check(state["params"])  # A diverged state is never saved.
       ckpts.save(step, train_state.model_variables(state), train_state.training_variables(state),
                  force=True)
-    if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
-      with progress.paused(state["step"]):  # Evaluation time is not training throughput.
-        ckpts.wait()  # Let a checkpoint finish writing before evaluation reads the disk.
-        val_metrics = evaluate(train_state.model_variables(state), "val")
-        logging.info("step %d eval on val: %s", step,
-                     " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
-        writer.scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
-        ckpts.save_best(step, train_state.model_variables(state), val_metrics)
+      faults.point("save", step)
+    if validates(step):
+      validate(step)
 
   # --- The final evaluation, once: the best checkpoint by validation, else the last state. ---
   ckpts.wait()
@@ -264,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Final evaluation on the %s split of the %s checkpoint (step %d).",
                config.eval.split, report["checkpoint"], report["checkpoint_step"])
   metrics = evaluate(variables, config.eval.split)
+  faults.point("test", total_steps)
   logging.info("%s: %s", config.eval.split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
   writer.scalars(int(state["step"]), {f"{config.eval.split}/{k}": v for k, v in metrics.items()})
   ckpts.close()

@@ -1,5 +1,7 @@
 """Learning rates, weight decays and step counts that cannot train are errors at the config."""
 
+import logging
+
 import pytest
 
 from rankjax import configs
@@ -56,3 +58,29 @@ def test_valid_values(changes):
 def test_invalid_values_are_errors_naming_the_field(key, value, message):
   with pytest.raises(ValueError, match=message):
     configs.check_config(_config(**{key: value}))
+
+
+@pytest.mark.parametrize("loss", ["triplet_semihard", "contrastive", "npairs", "multi_similarity"])
+def test_one_class_per_batch_is_an_error_for_losses_that_need_negatives(loss):
+  config = configs.with_loss(_config(), loss)
+  config.classes_per_batch = 1
+  with pytest.raises(ValueError, match=r"classes_per_batch=1: loss .* a batch of one class has "
+                                       r"none"):
+    configs.check_config(config)
+
+
+def test_one_class_per_batch_trains_a_proxy_loss():
+  config = configs.with_loss(_config(), "proxy_anchor")
+  config.classes_per_batch = 1
+  configs.check_config(config)  # The proxies of the other classes are its negatives.
+
+
+def test_a_pair_based_loss_with_more_than_two_samples_per_class_warns(caplog):
+  config = configs.with_loss(_config(), "npairs")
+  config.samples_per_class = 8
+  with caplog.at_level(logging.WARNING):
+    configs.check_config(config)
+  assert any("uses 2 of the 8 images of each class" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  configs.check_config(configs.with_loss(_config(), "npairs"))
+  assert not any("uses 2 of" in r.getMessage() for r in caplog.records)

@@ -358,3 +358,32 @@ def test_folder_config_trains_and_selects_on_validation(tmp_path):
   config.model.embedding_dim = None
   pooled = train.train_and_evaluate(config, str(tmp_path / "pooled"))
   assert set(pooled) == set(metrics) and pooled != untrained
+
+
+@pytest.mark.parametrize("target, match", [
+    (".", "resolves to the image folder itself"),
+    ("c00", "is the same folder as the class folder c00"),
+])
+def test_a_class_folder_that_links_to_the_root_or_another_class_is_an_error(tmp_path, target,
+                                                                           match):
+  root = tmp_path / "root"
+  _make_folder(root, [2, 2])
+  os.symlink(os.path.realpath(root / target), root / "zz_link")
+  with pytest.raises(ValueError, match=match) as error:
+    image_folder.scan(str(root))
+  assert "zz_link" in str(error.value)
+
+
+def test_the_names_of_dropped_classes_are_logged(tmp_path, caplog):
+  _make_folder(tmp_path / "root", [2, 3, 2, 1, 4, 2, 2, 1, 3, 2])
+  with caplog.at_level(logging.INFO):
+    datasets.get_source(f"folder:{tmp_path / 'root'}", str(tmp_path / "tfds"),
+                        data.Protocol(val_fraction=0.0))
+  dropped = [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()]
+  assert dropped and "c03" in dropped[0] and "c07" in dropped[0]
+
+
+def test_a_one_class_folder_is_an_error_about_its_classes(tmp_path):
+  _make_folder(tmp_path / "root", [3])
+  with pytest.raises(ValueError, match="1 class with at least 2 images.*at least 2 classes"):
+    datasets.get_source(f"folder:{tmp_path / 'root'}", str(tmp_path / "tfds"), data.Protocol())

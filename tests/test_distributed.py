@@ -8,6 +8,7 @@ two data shards), so the job is the same whatever the number of processes.
 """
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -315,3 +316,106 @@ def test_a_global_batch_not_divisible_by_the_global_devices_is_an_error(tmp_path
   assert code != 0
   assert "batch of 8 is not divisible by 6 devices" in log, log[-3000:]
   assert "First step" not in log
+
+
+# --- The documented one-machine command, and the coordinator's address. ---
+
+
+def _documented_launch_commands():
+  """Each ``python -m rankjax.launch ...`` command of the README, docs/ and the launcher's
+  docstring, as argument lists (continuation lines joined)."""
+  paths = [os.path.join(REPO, "README.md"), os.path.join(REPO, "rankjax", "launch.py")]
+  paths += [os.path.join(REPO, "docs", n) for n in sorted(os.listdir(os.path.join(REPO, "docs")))
+            if n.endswith(".md")]
+  commands = set()
+  for path in paths:
+    with open(path) as f:
+      text = f.read()
+    for match in re.finditer(r"python -m rankjax\.launch --num_processes=\d(?:[^\n]*\\\n)*[^\n]*",
+                             text):
+      commands.add(" ".join(match.group(0).replace("\\\n", " ").split()))
+  return sorted(commands)
+
+
+def _listening_addresses(pid, port):
+  """The local addresses on which ``pid`` or a process below it listens on TCP ``port``."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  try:
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+  except psutil.NoSuchProcess:
+    return set()
+  found = set()
+  for proc in procs:
+    try:
+      found.update(c.laddr.ip.removeprefix("::ffff:")  # IPv4 on an IPv6 socket.
+                   for c in proc.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+    except psutil.NoSuchProcess:
+      pass
+  return found
+
+
+def test_the_documented_launch_command_runs_and_listens_on_127_0_0_1_only(tmp_path):
+  commands = _documented_launch_commands()
+  assert len(commands) == 1, commands  # One command, the same in every document.
+  args = commands[0].split()[3:]  # After "python -m rankjax.launch".
+  split = args.index("--")
+  args = [*args[:split], f"--timeout={TIMEOUT}", "--",
+          *(f"--workdir={tmp_path}" if a.startswith("--workdir=") else a
+            for a in args[split + 1:]),
+          "--config.train.steps=2"]
+  proc = subprocess.Popen([sys.executable, "-m", "rankjax.launch", *args], cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  first = proc.stdout.readline()
+  port = int(re.search(r"coordinator 127\.0\.0\.1:(\d+)", first).group(1))
+  addresses = set()
+  deadline = time.monotonic() + TIMEOUT
+  while proc.poll() is None and not addresses and time.monotonic() < deadline:
+    addresses = _listening_addresses(proc.pid, port)
+    time.sleep(0.2)
+  log = first + proc.communicate(timeout=TIMEOUT)[0]
+  assert proc.returncode == 0, log[-3000:]
+  assert addresses == {"127.0.0.1"}, (addresses, log[-2000:])
+  assert os.path.exists(tmp_path / train.METRICS_FILE)
+
+
+def test_a_coordinator_port_in_use_is_a_clear_error_that_stops_the_job(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  from rankjax import launch  # pylint: disable=g-import-not-at-top
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    commands = launch.process_commands(2, [f"--config={CONFIG}", f"--workdir={tmp_path}"],
+                                       port=port, cpu_devices=1)
+    out = io.StringIO()
+    start = time.monotonic()
+    code = launch.run(commands, env=dict(launch.process_environment(1, _env())), out=out,
+                      timeout=TIMEOUT)
+  log = out.getvalue()
+  assert code != 0
+  assert f"cannot listen on the coordinator address 127.0.0.1:{port}" in log, log[-3000:]
+  assert time.monotonic() - start < 120
+
+
+VALIDATED = ("--config.classes_per_batch=2", "--config.eval.every=8",
+             "--config.protocol.val_fraction=0.4")  # Digits 3-4 validate, 0-2 train.
+
+
+def test_a_job_killed_during_a_validation_evaluation_resumes_to_the_same_best(tmp_path):
+  """Both processes die (SIGKILL, rankjax.faults) in the validation evaluation of step 16, whose
+  checkpoint is written: the relaunched job redoes it and reports what an uninterrupted job does."""
+  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+  code, log = _run(_launch_command(reference, 2, 2, *VALIDATED))
+  assert code == 0, log[-5000:]
+  env = dict(_env(), RANKJAX_FAULT="val@16")
+  first = subprocess.run(_launch_command(killed, 2, 2, *VALIDATED), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT + 60)
+  assert first.returncode != 0 and os.path.exists(
+      os.path.join(killed, checkpoint.LATEST_DIR, "16")), first.stdout[-3000:]
+  assert not os.path.exists(os.path.join(killed, train.METRICS_FILE))
+  code, log = _run(_launch_command(killed, 2, 2, *VALIDATED))
+  assert code == 0, log[-5000:]
+  for name in (train.METRICS_FILE, checkpoint.EVALUATIONS_FILE):
+    with open(os.path.join(killed, name)) as got, open(os.path.join(reference, name)) as want:
+      assert json.load(got) == json.load(want), name

@@ -167,3 +167,20 @@ def test_main_with_a_proxy_loss_on_two_cpu_devices(tmp_path):
   assert all(np.isfinite(v) for k, v in metrics.items() if k != "checkpoint")
   embed = rankjax.load_embedder(str(tmp_path))  # The proxies are in the checkpoint too.
   assert embed(np.zeros((3, 16, 16, 1), np.uint8)).shape[0] == 3
+
+
+def test_load_embedder_reads_only_the_record_and_the_model(tmp_path):
+  """A workdir's config.json naming an image folder, a data_dir and a weights file: the embedder
+  opens none of them (it needs the config, model.json and the checkpoint's model alone)."""
+  workdir = tmp_path / "run"
+  _run_main(f"--config={CONFIG_DIR}/digits.py:triplet_semihard,runlocal", f"--workdir={workdir}",
+            "--config.train.steps=2")
+  assert json.loads((workdir / "model.json").read_text()) == {"num_channels": 1}
+  record = json.loads((workdir / train.CONFIG_FILE).read_text())
+  record["dataset"] = f"folder:{tmp_path / 'images'}"
+  record["data_dir"] = str(tmp_path / "tfds")
+  record["model"]["pretrained"] = str(tmp_path / "weights.npz")
+  (workdir / train.CONFIG_FILE).write_text(json.dumps(record))
+  embed = rankjax.load_embedder(str(workdir))
+  assert embed(np.zeros((2, 8, 8, 1), np.uint8)).shape == (2, 64)
+  assert sorted(os.listdir(tmp_path)) == ["run"]  # Nothing was listed, prepared or written.

@@ -347,6 +347,11 @@ def _split_classes(spec: DatasetSpec, protocol: Protocol, raw_labels: np.ndarray
       if not 0 < fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1); got {fraction!r}.")
       kept = np.flatnonzero(counts >= min_images)
+      if kept.size < 2:
+        raise ValueError(
+            f"{spec.name}: {kept.size} class{'' if kept.size == 1 else 'es'} with at least "
+            f"{min_images} images (min_images_per_class); a folder dataset needs at least 2 "
+            "classes (training and test classes are disjoint), each a subfolder of images.")
       cut = int(round(fraction * kept.size))
       train, test = kept[:cut], kept[cut:]
   else:
@@ -642,10 +647,13 @@ def _log_split(name: str, source: Source) -> None:
       source.split_classes.values())))
   parts = [f"{s} {source.num_classes(s):,} classes / {source.positions(s).size:,} images"
            for s in SPLITS]
+  names = ([source.class_names[i] for i in dropped] if source.class_names
+           else [str(i) for i in dropped])
   logging.info("Dataset %s (%s): %s.%s", name, source.spec.description or source.spec.name,
                "; ".join(parts),
                f" Dropped {dropped.size:,} classes ({int(counts[dropped].sum()):,} images) with "
-               "fewer images than min_images_per_class." if dropped.size else "")
+               f"fewer images than min_images_per_class: {', '.join(names[:20])}"
+               f"{', ...' if len(names) > 20 else ''}." if dropped.size else "")
 
 
 def cached_array(source: Source, kind: str, positions: np.ndarray, image_size=None, *,

@@ -18,7 +18,8 @@ again and an unchanged one never is. Readers then use the ordinary TFDS path of
 :mod:`rankjax.data.datasets`.
 
 Bad input fails where it enters, naming the path: a missing root, a root without class folders,
-a class folder without images, a file that is not a readable image.
+a class folder without images, a class folder that links to the root or to another class, a file
+that is not a readable image.
 
 Example::
 
@@ -100,6 +101,7 @@ def scan(root: str) -> Listing:
       classes.append(entry.name)
     else:
       skipped.append((entry.name, "a file directly in the root, not in a class folder"))
+  _check_distinct_class_folders(root, classes)
   if not classes:
     raise ValueError(f"Image folder {root} has no class subfolders: a folder dataset is ROOT/"
                      "<class name>/<image files>.")
@@ -126,6 +128,25 @@ def scan(root: str) -> Listing:
   return Listing(root=root, classes=tuple(classes), files=tuple(files),
                  labels=np.asarray(labels, np.int64), skipped=tuple(skipped),
                  fingerprint=digest.hexdigest()[:16])
+
+
+def _check_distinct_class_folders(root: str, classes: list[str]) -> None:
+  """Raises ``ValueError`` for a class folder (a symbolic link) that resolves to the root, to a
+  folder above it, or to the same folder as another class: its images would be counted twice."""
+  real_root = os.path.realpath(root)
+  seen = {}
+  for name in classes:
+    path = os.path.join(root, name)
+    real = os.path.realpath(path)
+    if real == real_root or real_root.startswith(real + os.sep):
+      raise ValueError(f"Class folder {path} resolves to the image folder itself ({real}): a "
+                       "link to the root (or above it) would make every image a second class. "
+                       "Remove the link.")
+    if real in seen:
+      raise ValueError(f"Class folder {path} is the same folder as the class folder "
+                       f"{seen[real]} ({real}): one folder cannot be two classes. Remove the "
+                       "link.")
+    seen[real] = name
 
 
 def _walk_files(directory: str):
