@@ -332,6 +332,7 @@ def test_a_cached_run_resumes_where_it_stopped(folder, tmp_path):
   # two steps of a 2-step run are those of the 4-step run), then continued.
   train.train_and_evaluate(_config(folder, tmp_path, **{"train.steps": 2}),
                            str(tmp_path / "split"))
+  config.train.allow_config_changes = True  # Extending train.steps is the one change.
   resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
   assert resumed == pytest.approx(whole, abs=1e-6)
   assert json.load(open(tmp_path / "split" / train.METRICS_FILE))["checkpoint_step"] == json.load(
