@@ -229,7 +229,9 @@ def test_resumed_run_continues_with_the_same_memory(tmp_path):
   train.train_and_evaluate(_digits_config(2), resumed)  # stops after 2 steps (as if killed) ...
   partial, _ = _latest_state(resumed, _digits_config(4))
   assert int(partial["xbm"]["pointer"]) == 40  # one batch written (step 1; step 0 warms up)
-  got = train.train_and_evaluate(_digits_config(4), resumed)  # ... and resumes from step 2
+  extended = _digits_config(4)
+  extended.train.allow_config_changes = True  # Extending train.steps, the one change.
+  got = train.train_and_evaluate(extended, resumed)  # ... and resumes from step 2
   assert got == want
   final_straight, progress = _latest_state(straight, _digits_config(4))
   final_resumed, _ = _latest_state(resumed, _digits_config(4))

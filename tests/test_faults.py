@@ -74,7 +74,7 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   _finished(workdir)
   report, curve = _outcome(workdir)
-  assert sorted(curve) == [2, 4, 6, 8] and report["checkpoint"] == "best"
+  assert sorted(curve) == [0, 2, 4, 6, 8] and report["checkpoint"] == "best"  # 0: the start.
   return report, curve
 
 

@@ -194,7 +194,7 @@ def test_proxy_anchor_train_step_moves_the_proxies_of_the_batch_and_the_rest():
   assert "proxies" not in state["params"]  # the model holds nothing of the loss
   proxies = np.asarray(state["loss_params"]["proxies"])
   assert proxies.shape == (6, 8)
-  assert 0.5 < proxies.std() < 1.5  # a standard normal draw
+  assert 0.3 < proxies.std() < 0.9  # N(0, 2 / C), C = 6: std 0.58 (Proxy-Anchor's init)
   batch = {"image": jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
            "label": jnp.array([0, 0, 1, 1, 2, 2, 3, 3])}
   new_state, metrics = step(state, batch)
