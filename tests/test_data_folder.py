@@ -322,7 +322,7 @@ def test_the_cache224_recipe_and_its_baselines(name, arg):
   c = _config(name, f"{arg},cache224")
   configs.check_config(c)
   assert (c.image_size, c.frozen_cache.enabled, c.model.head_init) == (224, True, "pca")
-  assert c.model.backbone_options.frozen_blocks == 16 and c.frozen_cache.views == 8
+  assert c.model.backbone_options.frozen_blocks == 13 and c.frozen_cache.views == 8
   assert c.train.checkpoint_every == c.eval.every  # Every evaluation has its checkpoint.
   assert (c.loss.name, c.classes_per_batch, c.samples_per_class) == (
       base.loss.name, base.classes_per_batch, base.samples_per_class)
