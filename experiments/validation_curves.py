@@ -4,10 +4,10 @@ For each run directory (a ``workdir`` of ``python -m rankjax.main``) it reads th
 scalars the trainer wrote (``val/<metric>`` in TensorBoard; step 0 is the network before
 training) and prints one row: the metric at step 0, its best and the step of the best, its last
 value, and the first step that reached 90% of the way from the step-0 value to the best (how fast
-the run got there; a run whose best is its start has none). A run whose final evaluation was
-of the validation split itself (``config.eval.split="val"``) wrote that evaluation, of its best
-checkpoint, at its last step: its "last" column is then the best checkpoint's. Recipe choices
-are read from these rows, which come from the validation classes alone::
+the run got there; a run whose best is its start has none). The final evaluation of a run on
+the validation split itself (``config.eval.split="val"``) is written as ``final/val/`` and is not
+part of the curve. Recipe choices are read from these rows, which come from the validation
+classes alone::
 
   python experiments/validation_curves.py --metric=map@r RUN_DIR [RUN_DIR ...]
 """

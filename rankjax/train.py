@@ -31,8 +31,10 @@ there were no validation evaluations). The test split never chooses anything.
 
 Outputs in ``workdir``: ``config.json``; ``checkpoints/`` (latest, to resume) and ``best/``, see
 :mod:`rankjax.checkpoint`; TensorBoard scalars in ``tensorboard/`` (``train/``, ``val/``,
-``test/``); ``metrics.json`` with the final evaluation and which checkpoint it is of
-(``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the best's ``val/`` metrics);
+``test/``, or ``final/val/`` when ``config.eval.split="val"``, so that the final evaluation
+leaves the validation curve as it was); ``metrics.json`` with the final evaluation and which
+checkpoint it is of (``checkpoint``: ``"best"`` or ``"final"``, ``checkpoint_step``, and the
+best's ``val/`` metrics);
 ``evaluations.json`` (the completed validation evaluations), ``model.json`` and ``run.lock``
 (resuming and its checks: :mod:`rankjax.resume`, :mod:`rankjax.workdir_lock`,
 :mod:`rankjax.health`).
@@ -310,7 +312,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics = evaluate(variables, config.eval.split)
   faults.point("test", total_steps)
   logging.info("%s: %s", config.eval.split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-  writer.scalars(int(state["step"]), {f"{config.eval.split}/{k}": v for k, v in metrics.items()})
+  # A final evaluation of the val split must not write over the last step's validation point.
+  tag = "final/val" if config.eval.split == "val" else config.eval.split
+  writer.scalars(int(state["step"]), {f"{tag}/{k}": v for k, v in metrics.items()})
   ckpts.close()
   writer.close()
   if is_chief:

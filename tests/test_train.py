@@ -490,6 +490,24 @@ def test_resume_after_sigkill_gives_the_same_metrics(tmp_path):
 # --- The validation split chooses the checkpoint; the test split is evaluated once. ---
 
 
+def test_a_final_evaluation_of_the_val_split_keeps_the_validation_curve(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = _load_config_module("digits").get_config("triplet_semihard,runlocal")
+  config.train.steps, config.eval.every, config.train.checkpoint_every = 4, 2, 2
+  config.protocol.val_fraction = 0.4
+  config.classes_per_batch = 3
+  config.eval.split = "val"  # Exploring on validation: the final evaluation is of val too.
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  events = {}
+  for path in (tmp_path / "tensorboard").glob("events*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        events.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
+  # One point per evaluated step: the last step's is its own state's, not the best checkpoint's.
+  assert sorted(s for s, _ in events["val/map@r"]) == [0, 2, 4]
+  assert events["final/val/map@r"] == [(4, pytest.approx(metrics["map@r"], abs=1e-6))]
+
+
 def test_best_checkpoint_is_chosen_by_the_validation_split(tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = _load_config_module("digits").get_config("triplet_semihard,runlocal")
