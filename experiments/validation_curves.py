@@ -15,6 +15,7 @@ classes alone::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from rankjax import run_log
@@ -39,11 +40,24 @@ def curve_row(workdir: str, metric: str) -> dict:
 def table(workdirs: list[str], metric: str) -> str:
   lines = ["| run | step 0 | best (step) | last (step) | steps to 90% of the gain |",
            "|---|---:|---:|---:|---:|"]
-  for workdir in workdirs:
+  for workdir, label in zip(workdirs, _labels(workdirs)):
+    if not run_log.read_scalars(workdir, f"val/{metric}"):  # A baseline: evaluated, not trained.
+      lines.append(f"| {label} | no validation evaluations | | | |")
+      continue
     r = curve_row(workdir, metric)
-    lines.append(f"| {r['run']} | {r['start']:.4f} | {r['best']:.4f} ({r['best_step']}) | "
+    start = "-" if math.isnan(r["start"]) else f"{r['start']:.4f}"  # A run without step 0.
+    lines.append(f"| {label} | {start} | {r['best']:.4f} ({r['best_step']}) | "
                  f"{r['last']:.4f} ({r['last_step']}) | {r['steps_to_90'] or '-'} |")
   return "\n".join(lines)
+
+
+def _labels(workdirs: list[str]) -> list[str]:
+  """Each run's path below the runs' common folder (``contrastive/seed0`` in a sweep's runs)."""
+  paths = [os.path.normpath(w) for w in workdirs]
+  if len(set(paths)) < 2:
+    return [os.path.basename(p) for p in paths]
+  root = os.path.commonpath([os.path.abspath(p) for p in paths])
+  return [os.path.relpath(os.path.abspath(p), root) for p in paths]
 
 
 def main():

@@ -478,3 +478,14 @@ def test_validation_curves_reads_start_best_and_speed(tmp_path):
       [str(tmp_path / "run")], "map@r")
   with pytest.raises(ValueError, match="no val/recall@1"):
     validation_curves.curve_row(str(tmp_path / "run"), "recall@1")
+  # Runs of a sweep are named below their common folder; a run without step 0 has no start.
+  # A baseline run (no validation scalars) is listed as such.
+  for name in ("contrastive/seed0", "npairs/seed0", "imagenet_features/seed0"):
+    writer = run_log.SummaryWriter(str(tmp_path / "sweep" / name / "tensorboard"))
+    writer.scalars(50, {"val/map@r": 0.3} if "features" not in name else {"test/map@r": 0.2})
+    writer.close()
+  rows = validation_curves.table([str(tmp_path / "sweep" / loss / "seed0") for loss in (
+      "contrastive", "npairs", "imagenet_features")], "map@r").splitlines()[2:]
+  assert rows == ["| contrastive/seed0 | - | 0.3000 (50) | 0.3000 (50) | - |",
+                  "| npairs/seed0 | - | 0.3000 (50) | 0.3000 (50) | - |",
+                  "| imagenet_features/seed0 | no validation evaluations | | | |"]
