@@ -181,11 +181,12 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, dim)) / np.sqrt(dim), jnp.float32)
     labels = jnp.arange(batch) // per_class
     classes, fn = batch // per_class, losses.get_loss(name)
-    if name in losses.PROXY_LOSSES:  # the proxies' gradient too
+    spec = losses.get_spec(name)
+    if spec.learns_proxies:  # the proxies' gradient too
       shape = (classes, 3, dim) if name == "subcenter_arcface" else (classes, dim)
       params = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
       loss = lambda x, p: fn(x, labels, proxies=p)
-    elif name in losses.LOSSES_NEEDING_KEY:  # with a learned beta per class
+    elif spec.takes_key:  # with a learned beta per class
       params = jnp.full((classes,), 1.2)
       loss = lambda x, p: fn(x, labels, key=jax.random.key(0), beta=p)
     else:

@@ -78,10 +78,11 @@ def batch_layout(batch_size: int, *, loss: str, samples_per_class: int,
                  train_classes: int) -> tuple[int, int] | None:
   """``(P, K)`` for a global batch of ``batch_size`` (see the module docstring), or ``None``."""
   from rankjax import configs  # pylint: disable=g-import-not-at-top
-  k = 2 if loss in configs.PAIR_BASED_LOSSES else samples_per_class
+  fixed_k = configs.loss_spec(loss).samples_per_class
+  k = fixed_k or samples_per_class
   p = batch_size // k
   if batch_size % k or p > train_classes:
-    if loss in configs.PAIR_BASED_LOSSES or batch_size % train_classes:
+    if fixed_k or batch_size % train_classes:
       return None
     p, k = train_classes, batch_size // train_classes
   if p < 2 or k < 2:

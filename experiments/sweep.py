@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from rankjax import losses
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "experiments", "configs")
 RESULTS_DIR = os.path.join(REPO_ROOT, "experiments", "results")
@@ -60,31 +62,13 @@ REPORTED_METRICS = (
     ("map@r", "MAP@R"), ("r_precision", "R-Prec."), ("nmi", "NMI"),
 )
 
-# Short display names of the losses for tables and plot legends.
-LOSS_LABELS = {
-    "contrastive": "contrastive",
-    "triplet_semihard": "triplet (semi-hard)",
-    "triplet_hard": "triplet (batch hard)",
-    "triplet_all": "triplet (batch all)",
-    "npairs": "N-pairs",
-    "angular": "angular",
-    "npairs_angular": "N-pairs + angular",
-    "lifted_structure": "lifted structure",
-    "multi_similarity": "multi-similarity",
-    "proxy_anchor": "Proxy-Anchor",
-    "normalized_softmax": "normalised softmax",
-    "margin": "margin (distance-weighted)",
-    "supcon": "SupCon",
-    "arcface": "ArcFace",
-    "cosface": "CosFace",
-    "subcenter_arcface": "sub-center ArcFace",
-}
+# Short display names of the losses for tables and plot legends, in the catalogue's order.
+LOSS_LABELS = {name: spec.label for name, spec in losses.CATALOGUE.items()}
 # The survey's nine ranking losses (every pair-based loss it covers, up to angular and
 # multi-similarity): what the sweeps run unless --losses names others.
-SURVEY_LOSSES = tuple(LOSS_LABELS)[:9]
-# The later baselines (--losses=margin,supcon,arcface,cosface,subcenter_arcface), on the same
-# P x K batches as the survey's losses.
-POST_SURVEY_LOSSES = ("margin", "supcon", "arcface", "cosface", "subcenter_arcface")
+SURVEY_LOSSES = losses.loss_names("survey")
+# The later baselines, on the same P x K batches as the survey's losses.
+POST_SURVEY_LOSSES = losses.loss_names("later")
 # The untrained networks that the tables show beside the losses (config flags of the CPU photo
 # recipe, rankjax.recipes.CPU_PHOTO_BASELINES), with their display names.
 BASELINE_LABELS = {

@@ -7,48 +7,17 @@ command line, e.g. ``--config.train.steps=200 --config.loss.name=npairs
 --config.loss.npairs.l2_reg=0.01``.
 
 Loss hyper-parameters live in one section per loss (``config.loss.<name>``) so that switching
-``config.loss.name`` never passes one loss's margin to another. Their defaults are the papers':
-
-================== ==================================================  ============================
-``loss.name``      defaults                                            source
-================== ==================================================  ============================
-contrastive        pos_margin=0, neg_margin=1.0, euclidean             Hadsell et al. 2006
-triplet_semihard   margin=0.2, euclidean, L2-normalised embeddings     Schroff et al. 2015 (FaceNet)
-triplet_hard       margin=0.2 (batch hard)                             Hermans et al. 2017
-triplet_all        margin=0.2 (batch all, mean over active triplets)   Hermans et al. 2017
-npairs             l2_reg=0.002, unnormalised embeddings, K=2          Sohn 2016
-angular            alpha=45 deg, K=2                                   Wang et al. 2017
-npairs_angular     alpha=45 deg, angular_weight=2, l2_reg=0.002, K=2   Wang et al. 2017
-lifted_structure   margin=1.0, unnormalised embeddings                 Song et al. 2016
-multi_similarity   alpha=2, beta=50, base=0.5, epsilon=0.1             Wang et al. 2019
-proxy_anchor       alpha=32, delta=0.1                                 Kim et al. 2020
-normalized_softmax temperature=0.05                                    Zhai & Wu 2019
-margin             margin=0.2, beta=1.2, nu=0, distance-weighted       Wu et al. 2017
-                   negatives (cutoff=0.5, nonzero_loss_cutoff=1.4)
-supcon             temperature=0.1                                     Khosla et al. 2020
-arcface            scale=64, margin_degrees=28.6 (0.5 rad)             Deng et al. 2019
-cosface            scale=64, margin=0.35                               Wang et al. 2018 (CosFace)
-subcenter_arcface  scale=64, margin_degrees=28.6, sub_centers=3        Deng et al. 2020
-================== ==================================================  ============================
-
-Proxy-based losses (:data:`PROXY_LOSSES`) learn one proxy per training label, held by the loss
-(:mod:`rankjax.loss_params`, ``state["loss_params"]`` in training; with ``rotate_classes`` each
-turned class has its own), trained at ``optimizer.proxy_learning_rate``, by default 100x the
-network's (Proxy-Anchor's recipe); sub-center ArcFace learns ``sub_centers`` proxies per class
-(``f32[C, sub_centers, D]``). The margin loss draws its negatives at random and takes a new PRNG
-key at every step (:data:`rankjax.losses.LOSSES_NEEDING_KEY`); ``loss.margin.beta`` is its
-:math:`\beta`.
+``config.loss.name`` never passes one loss's margin to another. Each section starts at its paper's
+defaults, and the head's normalisation (``model.normalize`` left at ``None``), the batch layout
+(the N-pair family's K = 2) and the loss's learned parameters (class proxies, at
+``optimizer.proxy_learning_rate``, by default 100x the network's; the margin loss's
+:math:`\beta`) follow the loss's spec: all of them are in the loss catalogue,
+:mod:`rankjax.losses.catalogue`, with its table of defaults and papers.
 
 ``config.xbm`` adds a cross-batch memory (Wang et al. 2020, :mod:`rankjax.cross_batch`) to the
-losses that take a reference set (contrastive, triplet, multi-similarity, margin, supcon):
+losses that take a reference set (``LossSpec.takes_references``):
 ``enabled``, ``size`` (M embeddings), ``start_step`` (the warm-up) and ``weight`` of the memory
 term, by default the authors' code's 8192, 2000 and 1.0.
-
-``model.normalize`` left at ``None`` follows the loss's convention (:data:`NORMALIZED_BY_LOSS`): the
-N-pair family and lifted structure are defined on raw embeddings (their papers regularise the norm
-instead); the triplet and contrastive margins assume unit-norm embeddings; angular,
-multi-similarity, margin, supcon and the proxy losses normalise inside the loss, so the head's
-normalisation is irrelevant to them.
 """
 
 from __future__ import annotations
@@ -63,48 +32,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from rankjax import checks
-from rankjax import loss_params
-
-# The keyword arguments of rankjax.losses.get_loss(name, **kwargs), at the papers' values.
-LOSS_DEFAULTS: dict[str, dict] = {
-    "contrastive": dict(pos_margin=0.0, neg_margin=1.0, distance="euclidean"),
-    "triplet_semihard": dict(margin=0.2, distance="euclidean"),
-    "triplet_hard": dict(margin=0.2, distance="euclidean", soft=False),
-    "triplet_all": dict(margin=0.2, distance="euclidean", soft=False),
-    "npairs": dict(l2_reg=0.002),
-    "angular": dict(alpha_degrees=45.0),
-    "npairs_angular": dict(alpha_degrees=45.0, angular_weight=2.0, l2_reg=0.002),
-    "lifted_structure": dict(margin=1.0),
-    "multi_similarity": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
-    "proxy_anchor": dict(alpha=32.0, delta=0.1),
-    "normalized_softmax": dict(temperature=0.05),
-    # beta_learning_rate: the learned beta's own step (an Adam-scale rate; the paper trains beta
-    # with SGD at 0.1 on a gradient scaled by 1 / batch).
-    "margin": dict(margin=0.2, beta=1.2, nu=0.0, cutoff=0.5, nonzero_loss_cutoff=1.4,
-                   beta_learning_rate=1e-3),
-    "supcon": dict(temperature=0.1),
-    "arcface": dict(scale=64.0, margin_degrees=28.6),
-    "cosface": dict(scale=64.0, margin=0.35),
-    "subcenter_arcface": dict(scale=64.0, margin_degrees=28.6, sub_centers=3),
-}
-LOSS_NAMES = tuple(LOSS_DEFAULTS)
-
-# Whether the embedding head L2-normalises when config.model.normalize is None (see module doc).
-NORMALIZED_BY_LOSS = {
-    "contrastive": True, "triplet_semihard": True, "triplet_hard": True, "triplet_all": True,
-    "npairs": False, "angular": True, "npairs_angular": False, "lifted_structure": False,
-    "multi_similarity": True, "proxy_anchor": True, "normalized_softmax": True,
-    "margin": True, "supcon": True, "arcface": True, "cosface": True, "subcenter_arcface": True,
-}
-
-# Losses built on one (anchor, positive) pair per class: their batches are K = 2 per class.
-PAIR_BASED_LOSSES = ("npairs", "angular", "npairs_angular")
-
-# Losses with a learned proxy per training class (rankjax.losses.PROXY_LOSSES).
-PROXY_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface", "cosface", "subcenter_arcface")
-# Proxy-Anchor's recipe: proxies learn 100x faster than the network (Kim et al. 2020's training
-# setup, the scale common re-implementations use too).
-PROXY_LEARNING_RATE_MULTIPLIER = 100.0
+from rankjax import cross_batch
+from rankjax import losses
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 HEAD_INITS = ("random", "pca")
@@ -181,16 +110,16 @@ def base_config() -> ml_collections.ConfigDict:
       {"enabled": False, "views": 8, "seed": 0, "dtype": "float16",
        "dir": config_dict.placeholder(str)})
 
-  # Loss (rankjax.losses): name, and the keyword arguments of each loss in its own section.
+  # Loss (rankjax.losses.catalogue): name, and the keyword arguments of each loss in its own
+  # section, at its paper's values.
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "triplet_semihard"
-  for name, kwargs in LOSS_DEFAULTS.items():
-    c.loss[name] = ml_collections.ConfigDict(kwargs)
+  c.loss.name = losses.catalogue.DEFAULT_LOSS
+  for name, spec in losses.CATALOGUE.items():
+    c.loss[name] = ml_collections.ConfigDict(dict(spec.defaults))
 
   # Cross-batch memory (rankjax.cross_batch; Wang et al. 2020): from step `start_step` on, the loss
   # also compares each batch with the embeddings of the last `size` training images, that term
-  # weighted by `weight`. Pair-based losses only (contrastive, triplet, multi-similarity, margin,
-  # supcon). Defaults: the authors' code's.
+  # weighted by `weight`. Losses that take a reference set only. Defaults: the authors' code's.
   c.xbm = ml_collections.ConfigDict(
       {"enabled": False, "size": 8192, "start_step": 2000, "weight": 1.0})
 
@@ -199,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3  # Peak learning rate of the backbone.
   c.optimizer.head_learning_rate = config_dict.placeholder(float)  # None = learning_rate.
-  # Proxy-based losses only: None = PROXY_LEARNING_RATE_MULTIPLIER x learning_rate.
+  # Proxy losses only: None = losses.spec.PROXY_LEARNING_RATE_MULTIPLIER x learning_rate.
   c.optimizer.proxy_learning_rate = config_dict.placeholder(float)
   c.optimizer.momentum = 0.9  # sgd, rmsprop.
   c.optimizer.nesterov = False  # sgd.
@@ -247,12 +176,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def with_loss(config: ml_collections.ConfigDict, loss: str) -> ml_collections.ConfigDict:
-  """Selects ``loss`` in ``config``; a pair-based loss gets K = 2 at the same global batch size."""
-  check_loss_name(loss)
+  """Selects ``loss`` in ``config``; a loss that needs K samples per class (the N-pair family's
+  2) gets them at the same global batch size."""
+  k = loss_spec(loss).samples_per_class
   config.loss.name = loss
-  if loss in PAIR_BASED_LOSSES and config.samples_per_class != 2:
+  if k is not None and config.samples_per_class != k:
     batch = config.classes_per_batch * config.samples_per_class
-    config.classes_per_batch, config.samples_per_class = batch // 2, 2
+    config.classes_per_batch, config.samples_per_class = batch // k, k
   return config
 
 
@@ -260,32 +190,33 @@ def parse_arg(arg: str | None, default_loss: str,
               allowed_flags: Sequence[str] = ("runlocal",)) -> tuple[str, set[str]]:
   """Splits a config argument like ``"npairs,runlocal"`` into the loss and a set of flags."""
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  flags = {p for p in parts if p not in LOSS_DEFAULTS}
-  losses = [p for p in parts if p in LOSS_DEFAULTS]
+  flags = {p for p in parts if p not in losses.CATALOGUE}
+  names = [p for p in parts if p in losses.CATALOGUE]
   unknown = flags - set(allowed_flags)
-  if unknown or len(losses) > 1:
+  if unknown or len(names) > 1:
     raise ValueError(
-        f"config argument {arg!r}: expected one loss name out of {', '.join(LOSS_NAMES)}, "
-        f"optionally followed by any of {', '.join(',' + f for f in allowed_flags)}; could not "
-        f"read {sorted(unknown) or losses}.")
-  return (losses[0] if losses else default_loss), flags
+        f"config argument {arg!r}: expected one loss name out of "
+        f"{', '.join(losses.loss_names())}, optionally followed by any of "
+        f"{', '.join(',' + f for f in allowed_flags)}; could not read {sorted(unknown) or names}.")
+  return (names[0] if names else default_loss), flags
+
+
+def loss_spec(name: str) -> losses.LossSpec:
+  """The catalogue's spec of the loss ``name`` (``config.loss.name``); a clear error if unknown."""
+  try:
+    return losses.get_spec(name)
+  except ValueError as e:
+    raise ValueError(f"config.loss.name: {e}") from None
 
 
 def check_loss_name(name: str) -> None:
-  if name not in LOSS_DEFAULTS:
-    raise ValueError(f"Unknown loss {name!r} (config.loss.name); the losses are "
-                     f"{', '.join(LOSS_NAMES)}.{_suggest(name, LOSS_NAMES)}")
+  loss_spec(name)
 
 
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``.
-
-  Keys of the section that configure the loss's learned parameters
-  (:func:`rankjax.loss_params.config_keys`, e.g. a learning rate) are left out.
-  """
-  check_loss_name(config.loss.name)
-  own = set(loss_params.config_keys(config.loss.name))
-  return {k: v for k, v in config.loss[config.loss.name].to_dict().items() if k not in own}
+  """The keyword arguments for ``rankjax.losses.get_loss(config.loss.name, ...)``: the section
+  ``config.loss.<name>`` without the keys that configure the loss's learned parameters."""
+  return loss_spec(config.loss.name).loss_options(config.loss[config.loss.name].to_dict())
 
 
 def num_train_labels(config: ml_collections.ConfigDict, train_classes: int) -> int:
@@ -298,18 +229,11 @@ def num_train_labels(config: ml_collections.ConfigDict, train_classes: int) -> i
   return train_classes * (4 if config.rotate_classes else 1)
 
 
-def proxy_learning_rate(optimizer: ml_collections.ConfigDict) -> float:
-  """``config.optimizer.proxy_learning_rate``, or the multiplier x ``learning_rate`` when unset."""
-  if optimizer.proxy_learning_rate is not None:
-    return float(optimizer.proxy_learning_rate)
-  return PROXY_LEARNING_RATE_MULTIPLIER * optimizer.learning_rate
-
-
 def normalize_embeddings(config: ml_collections.ConfigDict) -> bool:
   """``config.model.normalize``, or the loss's convention when it is ``None``."""
   if config.model.normalize is not None:
     return bool(config.model.normalize)
-  return NORMALIZED_BY_LOSS[config.loss.name]
+  return loss_spec(config.loss.name).normalize
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -445,24 +369,25 @@ def _check_protocol(protocol: ml_collections.ConfigDict) -> None:
 def _check_batch_layout(config):
   """One class per batch leaves a loss without negatives (only the proxy losses have their own);
   a pair-based loss reads one pair of each class, so K > 2 wastes the rest (a warning)."""
-  if config.classes_per_batch < 2 and config.loss.name not in PROXY_LOSSES:
+  spec = loss_spec(config.loss.name)
+  if config.classes_per_batch < 2 and not spec.learns_proxies:
     raise ValueError(
         f"config.classes_per_batch={config.classes_per_batch}: loss {config.loss.name!r} compares "
         "each anchor with negatives of other classes in its batch, and a batch of one class has "
         "none (the loss is 0 and nothing trains). Use classes_per_batch >= 2.")
-  if config.loss.name in PAIR_BASED_LOSSES and config.samples_per_class != 2:
+  k = spec.samples_per_class
+  if k is not None and config.samples_per_class != k:
     logging.warning(
-        "Loss %r takes one (anchor, positive) pair of each class: with samples_per_class=%d it "
-        "uses 2 of the %d images of each class in a batch and ignores the rest. Set "
-        "config.samples_per_class=2 (configs.with_loss does).", config.loss.name,
-        config.samples_per_class, config.samples_per_class)
+        "Loss %r reads %d images of each class: with samples_per_class=%d it uses %d of the %d "
+        "images of each class in a batch and ignores the rest. Set config.samples_per_class=%d "
+        "(configs.with_loss does).", config.loss.name, k, config.samples_per_class, k,
+        config.samples_per_class, k)
 
 
 def _check_xbm(config):
   if not config.xbm.enabled:
     return
-  from rankjax import cross_batch  # pylint: disable=g-import-not-at-top
-  cross_batch.check_loss(config.loss.name)
+  cross_batch.check_loss(loss_spec(config.loss.name))
   batch = config.classes_per_batch * config.samples_per_class
   size, start, weight = config.xbm.size, config.xbm.start_step, config.xbm.weight
   if not isinstance(size, int) or size < batch:

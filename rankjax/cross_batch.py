@@ -23,20 +23,20 @@ On several devices the batch is the global batch, so the memory holds global bat
 is the same on any number of devices. The memory is part of the train state (``state["xbm"]``)
 and of its checkpoints, so a resumed run continues with the same memory.
 
-Only losses that take a reference set (``ref_embeddings``, ``ref_self_index``) can use it:
-contrastive, triplet (every mining mode), multi-similarity, margin and supervised contrastive;
-:func:`check_loss` says which.
+Only losses that take a reference set (``ref_embeddings``, ``ref_self_index``) can use it: those
+whose spec ``takes_references`` (:mod:`rankjax.losses.catalogue`); :func:`check_loss` says which.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from rankjax import losses
 
 EMPTY_LABEL = -1  # The label of a memory slot that holds nothing yet.
 
@@ -62,21 +62,14 @@ def settings(config) -> MemorySettings | None:
   return MemorySettings(int(config.xbm.size), int(config.xbm.start_step), float(config.xbm.weight))
 
 
-def accepts_references(loss_name: str) -> bool:
-  """Whether the loss called ``loss_name`` (a config or function name) takes a memory: a reference
-  set and the index of each anchor's own copy in it (``ref_embeddings``, ``ref_self_index``)."""
-  from rankjax import losses  # pylint: disable=g-import-not-at-top
-  fn, _ = losses.LOSSES[loss_name]
-  return {"ref_embeddings", "ref_self_index"} <= set(inspect.signature(fn).parameters)
-
-
-def check_loss(loss_name: str) -> None:
-  """Raises ``ValueError`` unless the loss can compare the batch with a memory."""
-  from rankjax import configs  # pylint: disable=g-import-not-at-top
-  if not accepts_references(loss_name):
-    able = [name for name in configs.LOSS_NAMES if accepts_references(name)]
+def check_loss(spec: losses.LossSpec) -> None:
+  """Raises ``ValueError`` unless the loss of ``spec`` can compare the batch with a memory: a
+  reference set and the index of each anchor's own copy in it (``ref_embeddings``,
+  ``ref_self_index``)."""
+  if not spec.takes_references:
+    able = [s.name for s in losses.CATALOGUE.values() if s.takes_references]
     raise ValueError(f"config.xbm needs a loss that takes a reference set (ref_embeddings); "
-                     f"{loss_name!r} does not. Those that do: {', '.join(able)}.")
+                     f"{spec.name!r} does not. Those that do: {', '.join(able)}.")
 
 
 def init_memory(size: int, embedding_dim: int) -> dict[str, jax.Array]:

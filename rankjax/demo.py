@@ -10,6 +10,8 @@ random unit vectors with the same labels. Pixels already place same-digit images
 chance, so most losses are lower on them. The angular losses are not: pixel vectors are all
 non-negative, so every image lies within 90 degrees of every other, and the angular loss
 penalises a negative near the middle of an (anchor, positive) pair however close the pair is.
+A loss that learns parameters (class proxies, the margin loss's beta) is given them at their start,
+untrained, so its two columns differ only by how the batches lie around random proxies.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import numpy as np
 from rankjax import losses
 from rankjax import similarity
 
-LOSS_NAMES = ("contrastive", "triplet_semihard", "triplet_hard", "triplet_all", "npairs",
-              "angular", "npairs_angular", "lifted_structure", "multi_similarity")
+LOSS_NAMES = losses.loss_names()
+_DIGIT_CLASSES = 10
 
 
 def digits_batch(classes: int = 10, per_class: int = 8, seed: int = 0):
@@ -51,10 +53,19 @@ def loss_table(embeddings, labels, seed: int = 0):
   random = similarity.l2_normalize(
       jax.random.normal(jax.random.key(seed), embeddings.shape, jnp.float32))
   rows = []
+  key = jax.random.key(seed)
   for name in LOSS_NAMES:
     start = time.perf_counter()
-    fn = jax.jit(losses.get_loss(name))
-    ours, chance = float(fn(embeddings, labels)), float(fn(random, labels))
+    spec = losses.get_spec(name)
+    # A loss's learned parameters (class proxies, ...) at their start, one row per digit; the
+    # same for both batches.
+    extra = spec.init_params(jax.random.fold_in(key, 1), _DIGIT_CLASSES, embeddings.shape[1],
+                             **spec.defaults)
+    if spec.takes_key:
+      extra["key"] = jax.random.fold_in(key, 2)
+    fn = jax.jit(spec.bind(**spec.loss_options(spec.defaults)))
+    ours = float(fn(embeddings, labels, **extra))
+    chance = float(fn(random, labels, **extra))
     rows.append((name, ours, chance, time.perf_counter() - start))
   return rows
 

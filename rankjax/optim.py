@@ -1,7 +1,7 @@
 r"""The optimizer of ``config.optimizer``: optax, with learning-rate groups by parameter path.
 
 The backbone, the embedding head (``head_learning_rate``) and each of the loss's own parameters
-(class proxies at their own rate, :func:`rankjax.loss_params.learning_rates`) are separate groups
+(class proxies at their own rate, ``LossSpec.learning_rates``) are separate groups
 with the same warm-up and schedule; weight decay applies to kernels and proxies only.
 """
 
@@ -26,7 +26,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
   (:func:`rankjax.train_state.trainable_params`). Parameters under the model's ``head`` get
   ``head_learning_rate`` (when set), each parameter of the loss its own group at
   ``loss_learning_rates[keyword]`` (e.g. ``proxies`` at
-  :func:`rankjax.configs.proxy_learning_rate`; see :func:`rankjax.loss_params.learning_rates`),
+  :func:`rankjax.losses.spec.proxy_learning_rate`; see ``LossSpec.learning_rates``),
   and the backbone ``learning_rate``, each with the same warm-up and schedule
   (``optax.multi_transform`` by path). Weight decay applies to kernels and proxies only (rank >=
   2), not to biases, BatchNorm scales or a scalar margin. The global gradient norm is clipped

@@ -12,9 +12,10 @@ is computed on the *global* batch, so every anchor meets negatives from every de
 BatchNorm statistics are global (synchronised BatchNorm, by construction). One step on 8 devices
 therefore equals one step on 1 device with the same global batch.
 
-A loss's own parameters (class proxies, :mod:`rankjax.loss_params`) live in the train state beside
-the model's, trained in their own optimizer groups; with ``config.xbm.enabled`` the state also
-holds a cross-batch memory of past global batches (:mod:`rankjax.cross_batch`). Both are
+A loss's own parameters (class proxies; ``LossSpec.params`` in :mod:`rankjax.losses.catalogue`)
+live in the train state beside the model's, trained in their own optimizer groups; with
+``config.xbm.enabled`` the state also holds a cross-batch memory of past global batches
+(:mod:`rankjax.cross_batch`). Both are
 checkpointed with the optimizer state, so a resumed run continues exactly.
 
 A fresh run evaluates the validation split before its first step too (``step0/val/`` in
@@ -64,7 +65,6 @@ from rankjax import faults
 from rankjax import frozen_cache
 from rankjax import head_init
 from rankjax import health
-from rankjax import loss_params as loss_params_lib
 from rankjax import optim
 from rankjax import parallel
 from rankjax import resume
@@ -161,7 +161,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Optimizer, shardings and the update step. ---
   tx, schedules = optim.make_optimizer(
       config.optimizer, train_state.trainable_params(params, loss_params), total_steps,
-      loss_learning_rates=loss_params_lib.learning_rates(config.loss.name, config))
+      loss_learning_rates=configs.loss_spec(config.loss.name).learning_rates(config))
   memory = cross_batch.settings(config)
   state = train_state.init_state(
       params, model_state, tx, loss_params=loss_params,
@@ -175,7 +175,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           train_graphdef, loss_fn, tx, schedules, None, batch_outputs=True,
           batch_transform=batch_transform, memory=memory,
           loss_key=(seeding.stream_key(config.seed, "loss")
-                    if config.loss.name in losses.LOSSES_NEEDING_KEY else None)),
+                    if configs.loss_spec(config.loss.name).takes_key else None)),
       state, mesh, batch_outputs=True)
   # The batch diagnostics, of the steps that log only (inside the step every step would pay
   # for them; benchmarks/diagnostics.py measures the share).
@@ -346,19 +346,19 @@ def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
 
 def init_loss_params(config: ml_collections.ConfigDict, info: Any, *,
                      embedding_dim: int | None = None) -> dict[str, jax.Array]:
-  """The loss's own parameters at their start (:mod:`rankjax.loss_params`); ``{}`` for most.
+  """The loss's own parameters at their start (``LossSpec.params``); ``{}`` for most.
 
   Sized by the training labels (``info.train_classes``, x4 with ``config.rotate_classes``) and
   ``embedding_dim`` (default ``config.model.embedding_dim``; the model's ``head.embedding_dim``
   when that is ``None``); drawn from their own stream of ``config.seed`` (:mod:`rankjax.seeding`).
   """
-  if not loss_params_lib.has_params(config.loss.name):
+  spec = configs.loss_spec(config.loss.name)
+  if not spec.params:
     return {}
   embedding_dim = embedding_dim or config.model.embedding_dim
   if embedding_dim is None:
     raise ValueError(f"loss {config.loss.name!r} has parameters sized by the embedding: pass "
                      "embedding_dim (the model's head.embedding_dim).")
-  return loss_params_lib.init_loss_params(
-      config.loss.name, configs.num_train_labels(config, info.train_classes),
-      embedding_dim, seeding.stream_key(config.seed, "loss_params"),
-      **configs.loss_kwargs(config))
+  return spec.init_params(seeding.stream_key(config.seed, "loss_params"),
+                          configs.num_train_labels(config, info.train_classes), embedding_dim,
+                          **configs.loss_kwargs(config))

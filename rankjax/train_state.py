@@ -2,7 +2,7 @@ r"""The training state and the jitted update step of :func:`rankjax.train.train_
 
 A training state is plain nested dicts of arrays (checkpoints then do not depend on NNX
 internals): the model's parameters and BatchNorm statistics, the optimizer state, the loss's own
-parameters (:mod:`rankjax.loss_params`) and, with ``config.xbm.enabled``, a cross-batch memory
+parameters (``LossSpec.params``) and, with ``config.xbm.enabled``, a cross-batch memory
 (:mod:`rankjax.cross_batch`). :func:`make_train_step` builds the step that updates it on one
 global batch: forward in training mode, the loss on the whole batch, backward, the optimizer's
 update (:mod:`rankjax.optim`), and the batch diagnostics (:mod:`rankjax.diagnostics`).
@@ -91,13 +91,7 @@ def training_variables(state: TrainState) -> dict[str, Any]:
 
 def diagnostics_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Keyword arguments of :func:`rankjax.diagnostics.batch_diagnostics` matching the loss."""
-  kwargs = configs.loss_kwargs(config)
-  out = {"distance": kwargs.get("distance", "euclidean")}
-  if config.loss.name == "contrastive":
-    out.update(pos_margin=kwargs["pos_margin"], neg_margin=kwargs["neg_margin"])
-  elif config.loss.name.startswith("triplet"):
-    out["margin"] = kwargs["margin"]
-  return out
+  return configs.loss_spec(config.loss.name).diagnostic_options(configs.loss_kwargs(config))
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
@@ -116,7 +110,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
   ``batch_transform(batch, step)``, if given, augments the batch on the device first (e.g.
   :func:`make_batch_transform`). With ``memory``, the loss adds its term against the cross-batch
   memory ``state["xbm"]`` (:func:`rankjax.cross_batch.loss_with_memory`), which the step updates,
-  and ``metrics["xbm_loss"]`` is that term. A loss that samples (``losses.LOSSES_NEEDING_KEY``)
+  and ``metrics["xbm_loss"]`` is that term. A loss that samples (``LossSpec.takes_key``)
   gets ``key=fold_in(loss_key, step)``.
 
   ``diagnostic_kwargs=None`` leaves the batch diagnostics out of the step. ``batch_outputs=True``

@@ -293,11 +293,11 @@ def test_bad_xbm_configs_are_errors(changes, match):
 
 
 def test_losses_that_take_a_memory():
-  able = {name for name in configs.LOSS_NAMES if cross_batch.accepts_references(name)}
-  assert {"contrastive", "triplet_semihard", "triplet_hard", "triplet_all",
-          "multi_similarity", "supcon", "margin"} <= able
-  assert not able & {"npairs", "angular", "npairs_angular", "lifted_structure", "proxy_anchor",
-                     "normalized_softmax"}
+  able = {name for name, spec in losses.CATALOGUE.items() if spec.takes_references}
+  assert able == {"contrastive", "triplet_semihard", "triplet_hard", "triplet_all",
+                  "multi_similarity", "supcon", "margin"}
+  with pytest.raises(ValueError, match="'npairs' does not. Those that do: contrastive"):
+    cross_batch.check_loss(losses.get_spec("npairs"))
   config = configs.base_config()
   config.xbm.enabled = True
   configs.check_config(config)  # triplet_semihard, 32 x 4 into 8192: fine

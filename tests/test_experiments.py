@@ -417,11 +417,14 @@ def test_stability_counts_the_training_classes_of_the_data_the_config_trains_on(
 
 
 def test_every_loss_has_a_label_and_the_sweeps_default_to_the_survey_losses():
-  from rankjax import configs  # pylint: disable=g-import-not-at-top
-  assert set(sweep.LOSS_LABELS) == set(configs.LOSS_NAMES)
-  later = set(sweep.POST_SURVEY_LOSSES)
-  assert set(sweep.SURVEY_LOSSES) == set(configs.LOSS_NAMES) - set(configs.PROXY_LOSSES) - later
-  assert len(sweep.SURVEY_LOSSES) == 9 and not later & set(sweep.SURVEY_LOSSES)
+  from rankjax import losses  # pylint: disable=g-import-not-at-top
+  assert tuple(sweep.LOSS_LABELS) == losses.loss_names()
+  assert sweep.LOSS_LABELS["triplet_hard"] == "triplet (batch hard)"
+  assert sweep.SURVEY_LOSSES == (
+      "contrastive", "triplet_semihard", "triplet_hard", "triplet_all", "npairs", "angular",
+      "npairs_angular", "lifted_structure", "multi_similarity")
+  assert sweep.POST_SURVEY_LOSSES == ("margin", "supcon", "arcface", "cosface",
+                                      "subcenter_arcface")
 
 
 @pytest.mark.parametrize("study", list(omniglot_probes.STUDIES))
@@ -443,7 +446,7 @@ def test_omniglot_probe_candidates_build_valid_models(study):
     models.check_image_size(config.model.name, config.image_size)
     assert model.backbone.num_features in (64, 128, 256, 512)
     proxies = train.init_loss_params(config, info).get("proxies", jnp.zeros((0, 1)))
-    assert proxies.shape[0] == (0 if config.loss.name not in configs.PROXY_LOSSES
+    assert proxies.shape[0] == (0 if not configs.loss_spec(config.loss.name).learns_proxies
                                 else 964 * (4 if config.rotate_classes else 1))
   with pytest.raises(Exception, match="Unknown candidate 'vgg'"):
     omniglot_probes.candidate_config(study, "vgg", steps=7, data_dir=None)

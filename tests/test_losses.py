@@ -596,12 +596,10 @@ def test_get_loss_names():
                      ("triplet_all", "all")]:
     fn = losses.get_loss(name, margin=0.3)
     assert fn.func is losses.triplet_loss and fn.keywords == {"margin": 0.3, "mining": mode}
-  assert losses.get_loss("triplet").func is losses.triplet_loss
   for name in ["contrastive", "npairs", "angular", "npairs_angular", "lifted_structure",
-               "multi_similarity", "triplet"]:
+               "multi_similarity"]:
     fn = getattr(losses, f"{name}_loss")
     assert losses.get_loss(name).func is fn
-    assert losses.get_loss(f"{name}_loss", **{}).func is fn
   assert losses.get_loss("npairs", l2_reg=0.5).keywords == {"l2_reg": 0.5}
   with pytest.raises(ValueError, match="Unknown loss 'tripplet'.*triplet_semihard"):
     losses.get_loss("tripplet")

@@ -631,16 +631,15 @@ def test_registry_and_config_tables():
                    ("arcface", losses.arcface_loss), ("cosface", losses.cosface_loss),
                    ("subcenter_arcface", losses.subcenter_arcface_loss)]:
     assert losses.get_loss(name).func is fn
-    assert losses.get_loss(fn.__name__).func is fn
     # The options the loss takes: the table less the keys of its learned parameters.
     options = configs.loss_kwargs(configs.with_loss(configs.base_config(), name))
     assert losses.get_loss(name, **options).keywords == options
-    assert configs.NORMALIZED_BY_LOSS[name]
-  for name in ["arcface", "cosface", "subcenter_arcface"]:
-    assert name in losses.PROXY_LOSSES and name in configs.PROXY_LOSSES
-  assert "margin" not in losses.PROXY_LOSSES and "supcon" not in losses.PROXY_LOSSES
-  assert set(losses.LOSSES_NEEDING_KEY) == {"margin", "margin_loss"}
-  assert set(configs.PROXY_LOSSES) <= set(losses.PROXY_LOSSES)
+    assert losses.get_spec(name).normalize
+  proxy_losses = {n for n, s in losses.CATALOGUE.items() if s.learns_proxies}
+  assert proxy_losses == {"proxy_anchor", "normalized_softmax", "arcface", "cosface",
+                          "subcenter_arcface"}
+  assert {n for n, s in losses.CATALOGUE.items() if s.takes_key} == {"margin"}
+  assert set(losses.get_spec("margin").params) == {"beta"}
   with pytest.raises(TypeError, match="key"):
     losses.get_loss("margin")(jnp.ones((4, 3)), jnp.array([0, 0, 1, 1]))
 

@@ -57,15 +57,15 @@ def _extra_arguments(name):
   config = configs.with_loss(configs.base_config(), name)
   config.model.embedding_dim = X.shape[1]
   extra = dict(train.init_loss_params(config, info))
-  if name in losses.LOSSES_NEEDING_KEY:
+  if losses.get_spec(name).takes_key:
     extra["key"] = jax.random.key(0)
   return extra
 
 
 # Every config loss with the option; proxy_anchor and normalized_softmax have no precision=
 # option yet and are checked at their (HIGHEST) default below.
-PRECISION_LOSSES = [name for name in configs.LOSS_NAMES
-                    if "precision" in inspect.signature(losses.LOSSES[name][0]).parameters]
+PRECISION_LOSSES = [name for name, spec in losses.CATALOGUE.items()
+                    if "precision" in inspect.signature(spec.fn).parameters]
 
 
 @pytest.mark.parametrize("name", PRECISION_LOSSES)
@@ -86,7 +86,8 @@ def test_every_loss_runs_its_matmuls_at_highest_unless_told(name):
 
 
 def test_the_losses_without_the_option():
-  assert set(configs.LOSS_NAMES) - set(PRECISION_LOSSES) <= {"proxy_anchor", "normalized_softmax"}
+  assert set(losses.loss_names()) - set(PRECISION_LOSSES) <= {"proxy_anchor",
+                                                               "normalized_softmax"}
   assert {"contrastive", "triplet_semihard", "triplet_hard", "triplet_all", "npairs", "angular",
           "npairs_angular", "lifted_structure", "multi_similarity"} <= set(PRECISION_LOSSES)
 

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rankjax import configs
 from rankjax import losses
 from test_losses import numeric_grad  # pylint: disable=g-bad-import-order
 
@@ -118,8 +117,8 @@ def test_registry():
   fn = losses.get_loss("proxy_anchor", alpha=16.0)
   assert fn.func is losses.proxy_anchor_loss and fn.keywords == {"alpha": 16.0}
   assert losses.get_loss("normalized_softmax").func is losses.normalized_softmax_loss
-  assert "proxy_anchor" in losses.PROXY_LOSSES and "triplet_hard" not in losses.PROXY_LOSSES
-  assert set(configs.PROXY_LOSSES) <= set(losses.PROXY_LOSSES)
+  assert losses.get_spec("proxy_anchor").learns_proxies
+  assert not losses.get_spec("triplet_hard").learns_proxies
 
 
 def test_normalized_softmax_hand_computed_and_errors():

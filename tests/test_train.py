@@ -18,7 +18,6 @@ from rankjax import checkpoint
 from rankjax import augment
 from rankjax import configs
 from rankjax import diagnostics
-from rankjax import loss_params
 from rankjax import losses
 from rankjax import train
 from rankjax.evaluation import embed as eval_embed
@@ -147,10 +146,10 @@ def test_loss_parameters_get_their_own_learning_rates():
                                                     "beta": jnp.ones(3)})
   grads = jax.tree.map(jnp.ones_like, params)
   config = configs.with_loss(configs.base_config(), "proxy_anchor")
-  for proxy_lr, expected in [(None, 0.1 * configs.PROXY_LEARNING_RATE_MULTIPLIER), (0.5, 0.5)]:
+  for proxy_lr, expected in [(None, 0.1 * 100.0), (0.5, 0.5)]:
     config.optimizer = _optimizer_config(name="sgd", momentum=0.0, learning_rate=0.1,
                                          proxy_learning_rate=proxy_lr)
-    rates = {**loss_params.learning_rates("proxy_anchor", config), "beta": 0.01}
+    rates = {**losses.get_spec("proxy_anchor").learning_rates(config), "beta": 0.01}
     tx, schedules = optim.make_optimizer(config.optimizer, params, 10, loss_learning_rates=rates)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["loss"]["proxies"], -expected, rtol=1e-6)
@@ -182,7 +181,7 @@ def _proxy_anchor_setup(train_classes=6):
   proxies = train.init_loss_params(c, info)
   tx, schedules = optim.make_optimizer(
       c.optimizer, train_state.trainable_params(params, proxies), 10,
-      loss_learning_rates=loss_params.learning_rates(c.loss.name, c))
+      loss_learning_rates=losses.get_spec(c.loss.name).learning_rates(c))
   step = jax.jit(train_state.make_train_step(
       graphdef, losses.get_loss("proxy_anchor", **configs.loss_kwargs(c)), tx, schedules,
       train_state.diagnostics_kwargs(c)))
@@ -308,14 +307,14 @@ def test_rotate_classes_turns_each_class_as_one_and_relabels_it():
 def test_every_dataset_config_builds_for_every_loss(dataset):
   module = _load_config_module(dataset)
   assert "python -m rankjax.main" in module.__doc__
-  for loss in configs.LOSS_NAMES:
+  for loss in losses.loss_names():
     for arg in (loss, f"{loss},runlocal"):
       c = module.get_config(arg)
       configs.check_config(c)
       assert c.loss.name == loss
       assert c.dataset == dataset
-      assert dict(c.loss[loss]) == configs.LOSS_DEFAULTS[loss]
-      if loss in configs.PAIR_BASED_LOSSES:
+      assert dict(c.loss[loss]) == dict(losses.get_spec(loss).defaults)
+      if loss in ("npairs", "angular", "npairs_angular"):
         assert c.samples_per_class == 2
 
 

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None):
     if flags & {"wang2017", "hermans2017"}:
       raise ValueError("'offline' is the CPU recipe; it does not combine with a published one.")
     c = recipes.cpu_photo_recipe("cub200_first50", loss, flags - {"offline"})
-    if loss in configs.PAIR_BASED_LOSSES and "runlocal" not in flags:
+    if configs.loss_spec(loss).samples_per_class and "runlocal" not in flags:
       # One positive pair per class bounds the N-pair batch by the 20 training classes: 20 x 2.
       c.classes_per_batch = min(c.classes_per_batch, OFFLINE_TRAIN_CLASSES)
     return c

@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 100
   c.eval.batch_size = 128
   configs.with_loss(c, loss)
-  if loss in configs.PAIR_BASED_LOSSES:  # Only 5 training classes: one pair each.
+  if configs.loss_spec(loss).samples_per_class:  # Only 5 training classes: one pair each.
     c.classes_per_batch, c.samples_per_class = 5, 2
   if "runlocal" in flags:
     c.model.backbone_options.widths = (8, 16, 16, 32)

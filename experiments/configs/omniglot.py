@@ -75,7 +75,7 @@ def get_config(arg: str | None = None):
     c.train.steps = WIDE_STEPS
     c.eval.test_time_shift = 1
   if "runlocal" in flags:
-    pair_based = loss in configs.PAIR_BASED_LOSSES
+    pair_based = configs.loss_spec(loss).samples_per_class is not None
     c.classes_per_batch, c.samples_per_class = (8, 2) if pair_based else (4, 4)
     c.model.backbone_options.widths = (16,) * 4
     c.train.steps = 10

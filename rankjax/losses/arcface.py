@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from rankjax import similarity
 from rankjax.losses import _common
 from rankjax.losses import proxies as proxy_losses
+from rankjax.losses import spec
 
 
 def arcface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array,
@@ -151,3 +152,16 @@ def _check_margin_degrees(margin_degrees) -> jax.Array:
     raise ValueError(f"margin_degrees must be in [0, 180) degrees; got {margin_degrees}.")
   return jnp.deg2rad(jnp.asarray(margin_degrees, jnp.float32))
 
+_SUB_CENTER_PROXIES = spec.LossParam(
+    init=lambda key, num_classes, dim, *, sub_centers=3, **_: spec.proxy_init(
+        key, (num_classes, sub_centers, dim)),
+    learning_rate=spec.proxy_learning_rate)
+ARCFACE = spec.LossSpec(
+    name="arcface", label="ArcFace", fn=arcface_loss, paper="Deng et al. 2019",
+    defaults=dict(scale=64.0, margin_degrees=28.6), normalize=True, group="later",
+    params={"proxies": spec.CLASS_PROXIES})
+SUBCENTER_ARCFACE = spec.LossSpec(
+    name="subcenter_arcface", label="sub-center ArcFace", fn=subcenter_arcface_loss,
+    paper="Deng et al. 2020", defaults=dict(scale=64.0, margin_degrees=28.6, sub_centers=3),
+    normalize=True, group="later", params={"proxies": _SUB_CENTER_PROXIES})
+SPECS = (ARCFACE, SUBCENTER_ARCFACE)

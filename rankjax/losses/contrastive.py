@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from rankjax import similarity
 from rankjax.losses import _common
+from rankjax.losses import spec
 
 
 def contrastive_loss(embeddings: jax.Array, labels: jax.Array, *, pos_margin: float = 0.0,
@@ -62,3 +63,8 @@ def contrastive_loss(embeddings: jax.Array, labels: jax.Array, *, pos_margin: fl
   batch = labels.shape[0]
   pairs = batch * (batch - 1) if refs is None else jnp.sum(pos | neg)
   return _common.safe_mean(jnp.sum(terms), pairs)
+
+SPECS = (spec.LossSpec(
+    name="contrastive", label="contrastive", fn=contrastive_loss, paper="Hadsell et al. 2006",
+    defaults=dict(pos_margin=0.0, neg_margin=1.0, distance="euclidean"), normalize=True,
+    diagnostics=("pos_margin", "neg_margin")),)

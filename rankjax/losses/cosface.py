@@ -6,6 +6,7 @@ import jax
 
 from rankjax import similarity
 from rankjax.losses import proxies as proxy_losses
+from rankjax.losses import spec
 
 
 def cosface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array,
@@ -51,3 +52,7 @@ def cosface_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array
                                                           precision=precision)
   return proxy_losses.margin_softmax_cross_entropy(cosines, labels, target_fn=lambda c: c - margin,
                                                    scale=scale)
+
+SPECS = (spec.LossSpec(name="cosface", label="CosFace", fn=cosface_loss,
+                       paper="Wang et al. 2018 (CosFace)", defaults=dict(scale=64.0, margin=0.35),
+                       normalize=True, group="later", params={"proxies": spec.CLASS_PROXIES}),)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from rankjax import similarity
 from rankjax.losses import _common
+from rankjax.losses import spec
 
 
 def lifted_structure_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 1.0,
@@ -51,3 +52,7 @@ def lifted_structure_loss(embeddings: jax.Array, labels: jax.Array, *, margin: f
   terms = jnp.where(valid, jnp.square(jax.nn.relu(pair + d)), 0.0)
   # Over ordered pairs each unordered pair counts twice, in the sum and in |P| alike.
   return _common.safe_mean(0.5 * jnp.sum(terms), jnp.sum(pos))
+
+SPECS = (spec.LossSpec(name="lifted_structure", label="lifted structure",
+                       fn=lifted_structure_loss, paper="Song et al. 2016",
+                       defaults=dict(margin=1.0), normalize=False),)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from rankjax import similarity
 from rankjax.losses import _common
 from rankjax.losses import proxies as proxy_losses
+from rankjax.losses import spec
 
 # Rows of the sampling done at once: bounds its weights, sums and searches to 128 x M.
 _ROWS_PER_BLOCK = 128
@@ -244,3 +245,17 @@ def _check_beta(beta, labels):
   proxy_losses.check_label_range(labels, beta.shape[0], "one beta per class")
   in_range = proxy_losses.labels_in_range(labels, beta.shape[0], "one beta per class")
   return proxy_losses.nan_unless(in_range, beta), in_range
+
+# Wu et al. 2017 learn one beta per class; it starts at the section's ``beta``, at its own rate
+# ``beta_learning_rate`` (an Adam-scale rate; the paper trains beta with SGD at 0.1 on a gradient
+# scaled by 1 / batch).
+_BETA = spec.LossParam(
+    init=lambda key, num_classes, dim, *, beta=1.2, **_: jnp.full((num_classes,), beta,
+                                                                 jnp.float32),
+    learning_rate=lambda config: config.loss.margin.beta_learning_rate,
+    config_keys=("beta_learning_rate",))
+SPECS = (spec.LossSpec(
+    name="margin", label="margin (distance-weighted)", fn=margin_loss, paper="Wu et al. 2017",
+    defaults=dict(margin=0.2, beta=1.2, nu=0.0, cutoff=0.5, nonzero_loss_cutoff=1.4,
+                  beta_learning_rate=1e-3),
+    normalize=True, group="later", params={"beta": _BETA}),)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from rankjax import similarity
 from rankjax.losses import _common
+from rankjax.losses import spec
 
 
 def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *, alpha: float = 2.0,
@@ -74,3 +75,8 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array, *, alpha: fl
   pull = _common.log1p_sum_exp(-alpha * (s - base), kept_positive, axis=1) / alpha
   push = _common.log1p_sum_exp(beta * (s - base), kept_negative, axis=1) / beta
   return jnp.mean(pull + push)
+
+SPECS = (spec.LossSpec(name="multi_similarity", label="multi-similarity",
+                       fn=multi_similarity_loss, paper="Wang et al. 2019",
+                       defaults=dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
+                       normalize=True),)

@@ -17,6 +17,7 @@ from jax import lax
 from rankjax import mining
 from rankjax import similarity
 from rankjax.losses import _common
+from rankjax.losses import spec
 
 NEGATIVES = ("positives", "all")
 
@@ -209,3 +210,14 @@ def _check_angle(alpha_degrees):
   alpha = _common.concrete_float(alpha_degrees, "alpha_degrees")
   if alpha is not None and not 0.0 < alpha < 90.0:
     raise ValueError(f"alpha_degrees must be in (0, 90) degrees; got {alpha_degrees}.")
+
+SPECS = (
+    spec.LossSpec(name="npairs", label="N-pairs", fn=npairs_loss, paper="Sohn 2016",
+                  defaults=dict(l2_reg=0.002), normalize=False, samples_per_class=2),
+    spec.LossSpec(name="angular", label="angular", fn=angular_loss, paper="Wang et al. 2017",
+                  defaults=dict(alpha_degrees=45.0), normalize=True, samples_per_class=2),
+    spec.LossSpec(name="npairs_angular", label="N-pairs + angular", fn=npairs_angular_loss,
+                  paper="Wang et al. 2017",
+                  defaults=dict(alpha_degrees=45.0, angular_weight=2.0, l2_reg=0.002),
+                  normalize=False, samples_per_class=2),
+)

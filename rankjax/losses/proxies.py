@@ -20,6 +20,7 @@ from jax.experimental import checkify
 
 from rankjax import similarity
 from rankjax.losses import _common
+from rankjax.losses import spec
 
 
 def proxy_anchor_loss(embeddings: jax.Array, labels: jax.Array, *, proxies: jax.Array,
@@ -184,3 +185,13 @@ def labels_in_range(labels: jax.Array, num_classes: int,
 def nan_unless(in_range: jax.Array, x: jax.Array) -> jax.Array:
   """``x`` where ``in_range``, else NaN; every gradient through it is then NaN too."""
   return x * jnp.where(in_range, 1.0, jnp.nan).astype(x.dtype)
+
+SPECS = (
+    spec.LossSpec(name="proxy_anchor", label="Proxy-Anchor", fn=proxy_anchor_loss,
+                  paper="Kim et al. 2020", defaults=dict(alpha=32.0, delta=0.1), normalize=True,
+                  group="proxy", params={"proxies": spec.CLASS_PROXIES}),
+    spec.LossSpec(name="normalized_softmax", label="normalised softmax",
+                  fn=normalized_softmax_loss, paper="Zhai & Wu 2019",
+                  defaults=dict(temperature=0.05), normalize=True, group="proxy",
+                  params={"proxies": spec.CLASS_PROXIES}),
+)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from rankjax import similarity
 from rankjax.losses import _common
+from rankjax.losses import spec
 
 
 def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float = 0.1,
@@ -70,3 +71,6 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array, *, temperature: float 
   log_probs = jnp.sum(jnp.where(positive, logits - log_normaliser[:, None], 0.0), axis=1)
   per_anchor = -log_probs / jnp.maximum(num_positives, 1)
   return _common.safe_mean(jnp.sum(per_anchor), jnp.sum(num_positives > 0))
+
+SPECS = (spec.LossSpec(name="supcon", label="SupCon", fn=supcon_loss, paper="Khosla et al. 2020",
+                       defaults=dict(temperature=0.1), normalize=True, group="later"),)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from rankjax import mining as mining_lib
 from rankjax import similarity
 from rankjax.losses import _common
+from rankjax.losses import spec
 
 MINING = ("semihard", "hard", "all")
 
@@ -96,3 +97,16 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, margin: float = 0.
     return _common.safe_mean(jnp.sum(sums), mining_lib.valid_triplet_count(labels, **masks))
   sums, counts = mining_lib.negative_hinge_sums(d, labels, margin=margin, **masks)
   return _common.safe_mean(jnp.sum(sums), jnp.sum(counts))
+
+_TRIPLET = dict(fn=triplet_loss, normalize=True, diagnostics=("margin",))
+SPECS = (
+    spec.LossSpec(name="triplet_semihard", label="triplet (semi-hard)",
+                  paper="Schroff et al. 2015 (FaceNet)", fixed={"mining": "semihard"},
+                  defaults=dict(margin=0.2, distance="euclidean"), **_TRIPLET),
+    spec.LossSpec(name="triplet_hard", label="triplet (batch hard)", paper="Hermans et al. 2017",
+                  fixed={"mining": "hard"},
+                  defaults=dict(margin=0.2, distance="euclidean", soft=False), **_TRIPLET),
+    spec.LossSpec(name="triplet_all", label="triplet (batch all)", paper="Hermans et al. 2017",
+                  fixed={"mining": "all"},
+                  defaults=dict(margin=0.2, distance="euclidean", soft=False), **_TRIPLET),
+)

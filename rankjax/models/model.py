@@ -138,7 +138,7 @@ class EmbeddingModel(nnx.Module):
   ``model.eval()`` uses the running averages (a model built with ``freeze_batchnorm=True`` uses
   them in both modes). The two submodules let an optimizer give the head its own learning rate by
   parameter path (``backbone/...`` vs ``head/...``). A loss's own parameters (class proxies) are
-  not here: they belong to the loss (:mod:`rankjax.loss_params`).
+  not here: they belong to the loss (``LossSpec.params``, :mod:`rankjax.losses.spec`).
   """
 
   def __init__(self, backbone: nnx.Module, head: EmbeddingHead, *, model_name: str,
