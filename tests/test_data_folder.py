@@ -387,3 +387,25 @@ def test_a_one_class_folder_is_an_error_about_its_classes(tmp_path):
   _make_folder(tmp_path / "root", [3])
   with pytest.raises(ValueError, match="1 class with at least 2 images.*at least 2 classes"):
     datasets.get_source(f"folder:{tmp_path / 'root'}", str(tmp_path / "tfds"), data.Protocol())
+
+
+def test_a_registered_dataset_trains_end_to_end(tmp_path):
+  # The "adding a dataset" recipe: one spec, then config.dataset names it.
+  from rankjax import train  # pylint: disable=g-import-not-at-top
+  _make_folder(tmp_path / "data" / "birds", [3] * 8)
+  data.register_dataset(datasets.DatasetSpec(
+      name="test_birds_run", folder=True, folder_name="birds", num_channels=None,
+      image_size=16, augment=False, train_fraction=0.5))
+  try:
+    c = configs.base_config()
+    c.dataset, c.data_dir, c.image_size = "test_birds_run", str(tmp_path / "data"), 16
+    c.model.name, c.model.backbone_options = "conv4", {"width": 4}
+    c.classes_per_batch, c.samples_per_class = 4, 2  # 8: the tests' 8 devices.
+    c.train.steps, c.train.log_every, c.eval.batch_size = 2, 1, 8
+    c.protocol.val_fraction = 0.0
+    metrics = train.train_and_evaluate(c, str(tmp_path / "run"))
+    # The 4 test classes of 3 images: 12 queries, so Recall@1 is a multiple of 1/12.
+    assert 0.0 <= metrics["recall@1"] <= 1.0
+    assert metrics["recall@1"] * 12 == pytest.approx(round(metrics["recall@1"] * 12))
+  finally:
+    datasets._SPECS.pop("test_birds_run")  # pylint: disable=protected-access

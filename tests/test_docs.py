@@ -63,3 +63,23 @@ def test_docs_build_without_warnings(tmp_path):
   for notebook in ("01_ranking_losses_tour", "02_compare_losses"):
     html = (out / "notebooks" / f"{notebook}.html").read_text()
     assert html.count("<img") >= 3, notebook  # The figures stored in the notebook.
+
+
+def test_the_extending_guide_runs(monkeypatch):
+  # Each recipe of docs/extending.md, as written, registers what it says it does.
+  from rankjax import configs, data, losses, models  # pylint: disable=g-import-not-at-top
+  from rankjax.data import datasets  # pylint: disable=g-import-not-at-top
+  from rankjax.models import model as model_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(losses.catalogue, "CATALOGUE", dict(losses.CATALOGUE))
+  monkeypatch.setattr(losses, "CATALOGUE", losses.catalogue.CATALOGUE)
+  monkeypatch.setattr(datasets, "_SPECS", dict(datasets._SPECS))  # pylint: disable=protected-access
+  monkeypatch.setattr(model_lib, "_SPECS", dict(model_lib._SPECS))  # pylint: disable=protected-access
+  text = open(os.path.join(REPO, "docs", "extending.md")).read()
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  assert len(blocks) == 3
+  for block in blocks:
+    exec(compile(block, "docs/extending.md", "exec"), {})  # pylint: disable=exec-used
+  config = configs.with_loss(configs.base_config(), "scaled_ms")
+  assert configs.loss_kwargs(config) == {"alpha": 2.0, "beta": 50.0}
+  assert "my_birds" in data.dataset_names()
+  assert models.get_model("narrow_conv4", num_channels=1, rngs=0).backbone.num_features == 16

@@ -528,3 +528,50 @@ def test_pretrained_imagenet_offline_error_and_cache(monkeypatch, tmp_path, conv
   model = models.get_model("resnet50", pretrained="imagenet", rngs=nnx.Rngs(0))
   expected = np.load(converted_file, allow_pickle=False)["stem_conv/kernel"]
   np.testing.assert_array_equal(model.backbone.stem_conv.kernel[...], expected)
+
+
+# ---------------------------------------------------------------- registering an encoder
+
+
+@pytest.fixture
+def registered_model(monkeypatch):
+  """An encoder added from outside the library (a narrow conv4), removed afterwards."""
+  from rankjax.models import model as model_lib, small  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(model_lib, "_SPECS", dict(model_lib._SPECS))  # pylint: disable=protected-access
+  return models.register_model(models.ModelSpec(
+      name="narrow_conv4", build=lambda **kw: small.Conv4(width=4, **kw), min_image_size=16,
+      why="halves the image four times", small_images=True))
+
+
+def test_a_registered_encoder_builds_by_name_and_checks_its_size(registered_model):
+  assert "narrow_conv4" in models.model_names() and "narrow_conv4" not in models.MODEL_NAMES
+  model = models.get_model("narrow_conv4", num_channels=1, embedding_dim=8, rngs=0)
+  assert model(_images((2, 16, 16, 1))).shape == (2, 8)
+  assert model.backbone.num_features == 4
+  with pytest.raises(ValueError, match="halves the image four times.*at least 16x16"):
+    models.check_image_size("narrow_conv4", 12)
+  with pytest.raises(ValueError, match="For small images use .*'narrow_conv4'"):
+    models.check_image_size("resnet18", 16)
+  with pytest.raises(ValueError, match="pretrained='imagenet' is available for 'resnet50' and "
+                                       "'efficientnet_lite0' only"):
+    models.get_model("narrow_conv4", num_channels=1, pretrained="imagenet", rngs=0)
+  with pytest.raises(ValueError, match="already registered"):
+    models.register_model(registered_model)
+
+
+def test_a_registered_encoder_trains_end_to_end(registered_model, tmp_path):
+  # The "adding an encoder" recipe: one spec, then config.model.name names it.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from rankjax import train  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", "configs", "digits.py")
+  spec = importlib.util.spec_from_file_location("digits", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("contrastive,runlocal")
+  config.model.name = "narrow_conv4"
+  config.model.backbone_options = {}
+  config.train.steps = 3
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert 0.0 < metrics["recall@1"] <= 1.0
+  assert train.build_model(config, type("Info", (), {"num_channels": 1})).backbone.num_features == 4

@@ -58,12 +58,6 @@ def register_loss(spec: LossSpec, *, replace: bool = False) -> LossSpec:
   return spec
 
 
-def unregister_loss(name: str) -> None:
-  """Removes the loss ``name`` from the catalogue (for tests that register one of their own)."""
-  get_spec(name)
-  del CATALOGUE[name]
-
-
 def loss_names(group: str | None = None) -> tuple[str, ...]:
   """The config names of the catalogue, in its order; only those of ``group`` if given."""
   if group is not None and group not in spec_lib.GROUPS:

@@ -13,7 +13,8 @@ Example:
 
 from rankjax.models.efficientnet import EfficientNetLite, EfficientNetLite0
 from rankjax.models.head import POOLINGS, EmbeddingHead, global_pool
-from rankjax.models.model import MODEL_NAMES, EmbeddingModel, check_image_size, get_model
+from rankjax.models.model import (MODEL_NAMES, EmbeddingModel, ModelSpec, check_image_size,
+                                  get_model, model_names, register_model)
 from rankjax.models.resnet import (BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50,
                                    ResNetTiny)
 from rankjax.models.small import Conv4, SmallResNet
@@ -21,7 +22,8 @@ from rankjax.models.weights import load_weights, save_weights
 
 __all__ = [
     "MODEL_NAMES", "POOLINGS", "BasicBlock", "Bottleneck", "Conv4", "EfficientNetLite",
-    "EfficientNetLite0", "EmbeddingHead", "EmbeddingModel", "ResNet", "ResNet18", "ResNet34",
-    "ResNet50", "ResNetTiny", "SmallResNet",
-    "check_image_size", "get_model", "global_pool", "load_weights", "save_weights",
+    "EfficientNetLite0", "EmbeddingHead", "EmbeddingModel", "ModelSpec", "ResNet", "ResNet18",
+    "ResNet34", "ResNet50", "ResNetTiny", "SmallResNet",
+    "check_image_size", "get_model", "global_pool", "load_weights", "model_names",
+    "register_model", "save_weights",
 ]

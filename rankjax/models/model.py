@@ -16,7 +16,8 @@ resnet_tiny        ResNet-18 layout, width 8, for tests           64           3
 Features and minimum sizes are those of the defaults; ``backbone_options`` changes widths and
 depths (e.g. ``{"widths": (64, 128, 256, 512)}`` gives conv4 512 features). The minimum size is
 what the backbone's total downsampling needs for its last feature map to hold at least one full
-window (the ImageNet ResNets divide by 32).
+window (the ImageNet ResNets divide by 32). Each is a :class:`ModelSpec`, which also says which
+ImageNet weights ``pretrained="imagenet"`` loads for it; :func:`register_model` adds another.
 
 Example:
   >>> import jax.numpy as jnp
@@ -46,39 +47,92 @@ from rankjax.models.head import EmbeddingHead
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class ModelSpec:
+  """An encoder that :func:`get_model` builds by name.
+
+  Attributes:
+    name: the config name (``config.model.name``).
+    build: ``build(*, num_channels, dtype, freeze_batchnorm, rngs, **backbone_options)``, the
+      backbone: an ``nnx.Module`` from images ``[B, H, W, C]`` to a feature map, with a
+      ``num_features`` attribute.
+    min_image_size: the smallest side its downsampling takes (its last map holds one window).
+    why: the downsampling, for the error message of a too small image.
+    optional_weights: arrays a weights file may hold that the backbone can leave out (an
+      ImageNet classifier).
+    imagenet_weights: ``imagenet_weights() -> path`` of the ImageNet weights file (fetched or
+      converted on first use) that ``pretrained="imagenet"`` loads; ``None``: there are none.
+    small_images: whether it suits small images (named in the hint of a too small image).
+  """
+  name: str
   build: Callable[..., nnx.Module]
   min_image_size: int
   why: str
-  # Arrays a weights file may hold that the backbone can leave out (an ImageNet classifier).
   optional_weights: tuple[str, ...] = ()
+  imagenet_weights: Callable[[], str] | None = None
+  small_images: bool = False
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec, *, overwrite: bool = False) -> ModelSpec:
+  """Adds the encoder ``spec.name``; configs (``config.model.name``) can then build it.
+
+  Raises:
+    ValueError: the name is taken (unless ``overwrite``), or the minimum size is not positive.
+  """
+  if not isinstance(spec, ModelSpec):
+    raise TypeError(f"register_model takes a ModelSpec; got {spec!r}.")
+  if spec.name in _SPECS and not overwrite:
+    raise ValueError(f"Model {spec.name!r} is already registered; pass overwrite=True to replace "
+                     "it.")
+  if not isinstance(spec.min_image_size, int) or spec.min_image_size < 1:
+    raise ValueError(f"Model {spec.name!r}: min_image_size must be a positive integer; got "
+                     f"{spec.min_image_size!r}.")
+  _SPECS[spec.name] = spec
+  return spec
+
+
+def model_names() -> tuple[str, ...]:
+  """The encoders :func:`get_model` builds, the registered ones included."""
+  return tuple(_SPECS)
+
+
+def _importers():
+  """The weight-import modules, imported late so that ``python -m rankjax.models.*_import`` runs
+  without a runpy warning."""
+  # pylint: disable=g-import-not-at-top
+  from rankjax.models import efficientnet_import, keras_import
+  return efficientnet_import, keras_import
 
 
 _RESNET_WHY = ("downsamples by 32 (a stride-2 7x7 stem, a stride-2 max-pool and three stride-2 "
                "stages)")
 _CONV4_WHY = "halves the image four times"
-_SPECS = {
-    "resnet18": _Spec(resnet.ResNet18, 32, _RESNET_WHY),
-    "resnet34": _Spec(resnet.ResNet34, 32, _RESNET_WHY),
-    "resnet50": _Spec(resnet.ResNet50, 32, _RESNET_WHY),
-    "small_resnet": _Spec(small.SmallResNet, 8, "downsamples by 8 (three stride-2 stages)"),
-    "conv4": _Spec(small.Conv4, 16, _CONV4_WHY + " with 2x2 max-pooling"),
-    "conv4_strided": _Spec(functools.partial(small.Conv4, downsample="strided_conv"), 16,
-                           _CONV4_WHY + " with stride-2 convolutions"),
-    "resnet_tiny": _Spec(resnet.ResNetTiny, 32, _RESNET_WHY),
-    "efficientnet_lite0": _Spec(
-        efficientnet.EfficientNetLite0, 32,
-        "downsamples by 32 (a stride-2 stem and four stride-2 stages)", ("classifier/",)),
-}
-# The models that pretrained="imagenet" has weights for.
-_IMAGENET = ("resnet50", "efficientnet_lite0")
+for _spec in (
+    ModelSpec("resnet18", resnet.ResNet18, 32, _RESNET_WHY),
+    ModelSpec("resnet34", resnet.ResNet34, 32, _RESNET_WHY),
+    ModelSpec("resnet50", resnet.ResNet50, 32, _RESNET_WHY,
+              imagenet_weights=lambda: _importers()[1].imagenet_resnet50_file()),
+    ModelSpec("small_resnet", small.SmallResNet, 8, "downsamples by 8 (three stride-2 stages)",
+              small_images=True),
+    ModelSpec("conv4", small.Conv4, 16, _CONV4_WHY + " with 2x2 max-pooling", small_images=True),
+    ModelSpec("conv4_strided", functools.partial(small.Conv4, downsample="strided_conv"), 16,
+              _CONV4_WHY + " with stride-2 convolutions", small_images=True),
+    ModelSpec("resnet_tiny", resnet.ResNetTiny, 32, _RESNET_WHY),
+    ModelSpec("efficientnet_lite0", efficientnet.EfficientNetLite0, 32,
+              "downsamples by 32 (a stride-2 stem and four stride-2 stages)", ("classifier/",),
+              imagenet_weights=lambda: _importers()[0].imagenet_lite0_file()),
+):
+  register_model(_spec)
+del _spec
+# The built-in encoders (model_names() includes registered ones).
 MODEL_NAMES = tuple(_SPECS)
-_SMALL_MODELS = ("small_resnet", "conv4", "conv4_strided")
 
 
-def _check_name(name: str) -> _Spec:
+def _check_name(name: str) -> ModelSpec:
   if name not in _SPECS:
-    raise ValueError(f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+    raise ValueError(f"unknown model name {name!r}; choose one of {', '.join(_SPECS)}.")
   return _SPECS[name]
 
 
@@ -121,8 +175,9 @@ def check_image_size(name: str, image_size) -> tuple[int, int]:
   height, width = _as_height_width(image_size)
   if min(height, width) < spec.min_image_size:
     hint = ""
-    if name not in _SMALL_MODELS:
-      hint = f" For small images use {' or '.join(map(repr, _SMALL_MODELS))}."
+    if not spec.small_images:
+      small_ones = [s.name for s in _SPECS.values() if s.small_images]
+      hint = f" For small images use {' or '.join(map(repr, small_ones))}."
     raise ValueError(
         f"model {name!r} {spec.why}, so it needs images of at least {spec.min_image_size}x"
         f"{spec.min_image_size} pixels; got {height}x{width}.{hint}")
@@ -192,24 +247,15 @@ class EmbeddingModel(nnx.Module):
     return head_lib.global_pool(self.backbone(jnp.asarray(images)), self.head.pooling)
 
 
-def _importers():
-  """The weight-import modules, imported late so that ``python -m rankjax.models.*_import`` runs
-  without a runpy warning."""
-  # pylint: disable=g-import-not-at-top
-  from rankjax.models import efficientnet_import, keras_import
-  return efficientnet_import, keras_import
-
-
 def _weights_file(name: str, pretrained) -> str:
   """The weights file ``pretrained`` (a path, or ``"imagenet"``) names for model ``name``."""
-  efficientnet_import, keras_import = _importers()
   if isinstance(pretrained, str) and pretrained == "imagenet":
-    if name not in _IMAGENET:
+    fetch = _check_name(name).imagenet_weights
+    if fetch is None:
+      have = [s.name for s in _SPECS.values() if s.imagenet_weights is not None]
       raise ValueError(f"pretrained='imagenet' is available for "
-                       f"{' and '.join(map(repr, _IMAGENET))} only; got model {name!r}.")
-    if name == "resnet50":
-      return keras_import.imagenet_resnet50_file()
-    return efficientnet_import.imagenet_lite0_file()
+                       f"{' and '.join(map(repr, have))} only; got model {name!r}.")
+    return fetch()
   weights_file = os.fspath(pretrained)
   if not os.path.exists(weights_file):
     raise ValueError(f"pretrained must be None, 'imagenet' or the path of a weights file; "
@@ -254,7 +300,8 @@ def get_model(name: str, *, embedding_dim: int | None = 128, num_channels: int =
   """Builds the encoder ``name`` with an embedding head.
 
   Args:
-    name: one of :data:`MODEL_NAMES`.
+    name: one of :func:`model_names` (the built-in :data:`MODEL_NAMES` and those added with
+      :func:`register_model`).
     embedding_dim: size of the embeddings; ``None``: no projection, the backbone's pooled
       features are the embeddings (``model.head.embedding_dim`` of them).
     num_channels: channels of the input images (1 for grayscale).
