@@ -213,9 +213,6 @@ for _spec in (
   register_dataset(_spec)
 del _spec
 
-DATASET_NAMES = tuple(_SPECS)  # The built-in datasets; dataset_names() includes registered ones.
-
-
 def dataset_names() -> tuple[str, ...]:
   """Every registered dataset name (the built-in ones and those of :func:`register_dataset`)."""
   return tuple(_SPECS)
