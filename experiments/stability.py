@@ -196,8 +196,8 @@ def measure(workdir: str) -> dict:
   metrics = sweep.read_metrics(workdir) or {}
   scalars = sweep.read_scalars(workdir)
   losses_logged = scalars.get("train/loss", (np.array([]), np.array([])))[1]
-  embeddings, labels = sweep.test_embeddings(workdir)
-  initial, _ = sweep.test_embeddings(workdir, which="init")
+  embeddings, labels = sweep.embed_eval_split(workdir)
+  initial, _ = sweep.embed_eval_split(workdir, which="init")
   config = sweep.read_json(os.path.join(workdir, sweep.CONFIG_FILE))
   initial_recall = evaluation.retrieval_metrics(
       initial, labels, ks=(1,), distance=config["eval"]["distance"])["recall@1"]

@@ -307,7 +307,7 @@ def dataset_info(config):
                                protocol=data.Protocol.from_config(config.protocol))
 
 
-def test_embeddings(workdir: str, *, which: str = "latest") -> tuple[np.ndarray, np.ndarray]:
+def embed_eval_split(workdir: str, *, which: str = "latest") -> tuple[np.ndarray, np.ndarray]:
   """``(f32[N, E], int32[N])``: a run's embeddings of its evaluation split, in order.
 
   Exactly what its evaluation saw: the same model, preprocessing and device mesh as

@@ -1,7 +1,7 @@
 """Range checks of the arguments that a config and the operation it configures both take.
 
 :mod:`rankjax.configs` runs them when a config is validated, before any work; the operations
-(:func:`rankjax.augment.random_affine`, :mod:`rankjax.evaluation.test_time`) run them on their
+(:func:`rankjax.augment.random_affine`, :mod:`rankjax.evaluation.shift_average`) run them on their
 own arguments. Plain Python and NumPy, so that the configs do not import the operations.
 """
 

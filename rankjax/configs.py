@@ -169,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.distance = "cosine"
   c.eval.chunk_size = config_dict.placeholder(int)
   c.eval.best_metric = "recall@1"  # The best checkpoint (workdir/best) maximises this.
-  # Test-time augmentation (rankjax.evaluation.test_time): s > 0 embeds each test image as the
+  # Test-time augmentation (rankjax.evaluation.shift_average): s > 0 embeds each test image as the
   # mean over its (2s + 1)^2 copies shifted by up to s pixels; 0 = the image alone.
   c.eval.test_time_shift = 0
   return c

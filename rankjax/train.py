@@ -73,7 +73,7 @@ from rankjax import seeding
 from rankjax import train_state
 from rankjax import workdir_lock
 from rankjax.evaluation import embed as embed_lib
-from rankjax.evaluation import test_time
+from rankjax.evaluation import shift_average
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = resume.CONFIG_FILE
@@ -218,7 +218,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   embed = embed_lib.make_eval_embed_fn(eval_graphdef, config, mesh)
 
   def evaluate(variables: dict, split: str) -> dict[str, float]:
-    views = len(test_time.shift_offsets(config.eval.test_time_shift))
+    views = len(shift_average.shift_offsets(config.eval.test_time_shift))
     logging.info("Evaluating on the %s split: embedding every image%s%s, then %s.", split,
                  f" in {views} shifted views" if views > 1 else "",
                  " from the frozen cache" if cache is not None else "",

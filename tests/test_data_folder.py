@@ -214,6 +214,21 @@ def test_register_dataset_adds_a_named_folder_protocol(tmp_path):
     datasets._SPECS.pop("test_birds")
 
 
+def test_a_spec_with_neither_a_tfds_builder_nor_a_folder_is_refused(monkeypatch):
+  monkeypatch.setattr(datasets, "_SPECS", dict(datasets._SPECS))  # Whatever happens, undone.
+  spec = datasets.DatasetSpec(name="test_nowhere", train_labels=range(0, 5),
+                              test_labels=range(5, 10), num_channels=1)
+  with pytest.raises(ValueError, match="neither a TFDS builder"):
+    data.register_dataset(spec)
+  assert "test_nowhere" not in data.dataset_names()
+  # Nor does such a spec read scikit-learn's digits if it reaches the registry some other way.
+  datasets._SPECS["test_nowhere"] = spec
+  with pytest.raises(ValueError, match="neither a TFDS builder"):
+    datasets.get_source("test_nowhere")
+  # The built-in digits, the one dataset read without either, still are.
+  assert data.get_dataset_info("digits").test_classes == 5
+
+
 # --- The offline sets (the tars in shared/data). ---
 
 

@@ -1,9 +1,13 @@
-"""Tests of rankjax.evaluation.Evaluator: names, order, batches with padding, errors."""
+"""Tests of rankjax.evaluation.Evaluator (names, order, errors) and of the split it is given."""
 
+import jax
 import numpy as np
 import pytest
 
-from rankjax.evaluation import embed_batches
+from rankjax import configs
+from rankjax import data
+from rankjax import parallel
+from rankjax.evaluation import embed as eval_embed
 from rankjax.evaluation import Evaluator
 from rankjax.evaluation import nmi
 from rankjax.evaluation import retrieval_metrics
@@ -36,21 +40,18 @@ def test_euclidean_nmi_clusters_the_raw_embeddings(split):
           x, labels, ks=(2,), distance="euclidean")["recall@2"]}
 
 
-def test_run_on_batches_drops_padding_rows(split):
-  x, labels = split
-  batches = []
-  for start in range(0, 60, 16):  # 4 batches of 16; the last has 4 padding rows (NaN images).
-    image = np.full((16, 6), np.nan, np.float32)
-    label = np.zeros(16, np.int64)
-    n = min(16, 60 - start)
-    image[:n], label[:n] = x[start:start + n], labels[start:start + n]
-    batches.append({"image": image, "label": label, "mask": np.arange(16) < n})
-  embed = lambda images: images * 3.0  # A stand-in model.
-  evaluator = Evaluator(["recall@1", "map@r"])
-  assert dict(evaluator.run_on_batches(embed, iter(batches))) == dict(evaluator.run(x * 3, labels))
-  embeddings, got_labels = embed_batches(embed, batches)
-  np.testing.assert_array_equal(embeddings, x * 3)
-  np.testing.assert_array_equal(got_labels, labels)
+def test_embed_split_drops_the_padding_of_the_last_batch():
+  config = configs.base_config()
+  config.dataset, config.image_size, config.eval.batch_size = "digits", 8, 96
+  batches = list(data.eval_batches("digits", batch_size=96, image_size=8, split="test"))
+  assert not batches[-1]["mask"].all()  # 896 test images: the last batch is padded.
+  embed = jax.jit(lambda variables, images: images.reshape(len(images), -1) * variables["scale"])
+  embeddings, labels = eval_embed.embed_split(embed, {"scale": 3.0}, parallel.make_mesh(), config)
+  images = np.concatenate([b["image"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(embeddings, images.reshape(len(images), -1) * 3)
+  np.testing.assert_array_equal(labels, np.concatenate([b["label"][b["mask"]] for b in batches]))
+  assert len(labels) == data.get_dataset_info("digits").num_test_examples
+  assert data.PADDING_LABEL not in labels
 
 
 def test_reference_set(split):
@@ -73,12 +74,6 @@ def test_bad_metric_names(metrics, match):
     Evaluator(metrics)
 
 
-def test_bad_distance_and_batches():
+def test_bad_distance():
   with pytest.raises(ValueError, match="distance='l1'"):
     Evaluator(distance="l1")
-  with pytest.raises(ValueError, match="batches is empty"):
-    embed_batches(lambda i: i, [])
-  with pytest.raises(ValueError, match="no 'label' entry"):
-    embed_batches(lambda i: i, [{"image": np.zeros((2, 3))}])
-  with pytest.raises(ValueError, match=r"embed_fn returned shape \(3,\) for 3 labels"):
-    embed_batches(lambda i: i[:, 0], [{"image": np.zeros((3, 3)), "label": np.zeros(3)}])

@@ -22,7 +22,6 @@ except RuntimeError:  # TensorFlow was initialised before rankjax.data was impor
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from rankjax.data.datasets import clear_cache
-from rankjax.data.datasets import DATASET_NAMES
 from rankjax.data.datasets import dataset_names
 from rankjax.data.datasets import DatasetInfo
 from rankjax.data.datasets import DatasetNotPreparedError
@@ -43,7 +42,6 @@ from rankjax.data.sampling import ClassBalancedSampler
 __all__ = [
     "Augment",
     "ClassBalancedSampler",
-    "DATASET_NAMES",
     "DatasetInfo",
     "DatasetNotPreparedError",
     "DatasetSpec",

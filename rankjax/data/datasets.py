@@ -126,6 +126,14 @@ _FOLDER_HINT = ("Pass the folder as the dataset name, '{name}:/path/to/root', or
                 "DATA_DIR/{folder} and pass data_dir=DATA_DIR.")
 
 _SPECS: dict[str, DatasetSpec] = {}
+_DIGITS = "digits"  # The one dataset read with neither a TFDS builder nor a folder.
+
+
+def _check_has_data(spec: DatasetSpec) -> None:
+  """Raises unless ``spec`` names a TFDS builder or a folder, or is the built-in digits."""
+  if not spec.folder and spec.tfds_name is None and spec.name != _DIGITS:
+    raise ValueError(f"Dataset {spec.name!r} names neither a TFDS builder (tfds_name) nor a "
+                     f"folder (folder=True); only the built-in {_DIGITS!r} is read without one.")
 
 
 def register_dataset(spec: DatasetSpec, *, overwrite: bool = False) -> DatasetSpec:
@@ -141,13 +149,15 @@ def register_dataset(spec: DatasetSpec, *, overwrite: bool = False) -> DatasetSp
 
   Raises:
     ValueError: the name is taken (unless ``overwrite``), holds a ``":"``, or the spec is
-      inconsistent (a TFDS spec without label ranges, fractions outside their range).
+      inconsistent (neither a TFDS builder nor a folder, a TFDS spec without label ranges,
+      fractions outside their range).
   """
   if not spec.name or ":" in spec.name:
     raise ValueError(f"A dataset name must be non-empty and hold no ':'; got {spec.name!r}.")
   if spec.name in _SPECS and not overwrite:
     raise ValueError(f"Dataset {spec.name!r} is already registered; pass overwrite=True to "
                      "replace it.")
+  _check_has_data(spec)
   if not spec.folder and (spec.train_labels is None or spec.test_labels is None):
     raise ValueError(f"Dataset {spec.name!r}: a TFDS or in-memory dataset needs train_labels "
                      "and test_labels (the class ranges of the two halves).")
@@ -202,9 +212,6 @@ for _spec in (
 ):
   register_dataset(_spec)
 del _spec
-
-DATASET_NAMES = tuple(_SPECS)  # The built-in datasets; dataset_names() includes registered ones.
-
 
 def dataset_names() -> tuple[str, ...]:
   """Every registered dataset name (the built-in ones and those of :func:`register_dataset`)."""
@@ -438,7 +445,7 @@ class _DigitsSource(Source):
     from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
     digits = sk_datasets.load_digits()
     self.images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    super().__init__(_SPECS["digits"], digits.target.astype(np.int64),
+    super().__init__(_SPECS[_DIGITS], digits.target.astype(np.int64),
                      (("all", 0, digits.target.size),))
 
   def decoded(self, positions, image_size, *, slice_reads=False):
@@ -625,6 +632,7 @@ def get_source(name: str, data_dir=None, protocol=None) -> Source:
   key = (spec.name, _data_dir_key(data_dir) if spec.tfds_name or spec.folder else None,
          _data_dir_key(root) if root else None)
   if key not in _SOURCES:
+    _check_has_data(spec)
     if spec.folder:
       _SOURCES[key] = _FolderSource(spec, root, data_dir)
     elif spec.tfds_name is None:

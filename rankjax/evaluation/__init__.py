@@ -11,10 +11,8 @@
 from rankjax.evaluation.clustering import kmeans
 from rankjax.evaluation.clustering import nmi
 from rankjax.evaluation.clustering import normalized_mutual_info
-from rankjax.evaluation.evaluator import embed_batches
 from rankjax.evaluation.evaluator import Evaluator
 from rankjax.evaluation.evaluator import METRICS
 from rankjax.evaluation.retrieval import retrieval_metrics
 
-__all__ = ["Evaluator", "METRICS", "embed_batches", "kmeans", "nmi", "normalized_mutual_info",
-           "retrieval_metrics"]
+__all__ = ["Evaluator", "METRICS", "kmeans", "nmi", "normalized_mutual_info", "retrieval_metrics"]

@@ -1,9 +1,9 @@
 r"""Embedding functions for evaluation: a jitted, sharded forward pass in eval mode, and a split.
 
 :func:`make_embed_fn` is the model in eval mode (BatchNorm running averages) under ``jax.jit``,
-sharded over the data mesh, with optional test-time shifts (:mod:`rankjax.evaluation.test_time`);
-:func:`embed_split` runs it over a whole split of a dataset, on every process, and returns the
-embeddings in the split's own order.
+sharded over the data mesh, with optional test-time shifts
+(:mod:`rankjax.evaluation.shift_average`); :func:`embed_split` runs it over a whole split of a
+dataset, on every process, and returns the embeddings in the split's own order.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rankjax import parallel
-from rankjax.evaluation import test_time
+from rankjax.evaluation import shift_average
 
 
 def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None, *,
@@ -27,7 +27,7 @@ def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = 
 
   ``test_time_shift=s > 0`` returns the mean embedding of the ``(2s + 1)^2`` copies of each image
   shifted by up to ``s`` pixels, each view L2-normalised first if ``normalize_views``
-  (:mod:`rankjax.evaluation.test_time`). ``from_frozen=True`` takes the frozen prefix's
+  (:mod:`rankjax.evaluation.shift_average`). ``from_frozen=True`` takes the frozen prefix's
   activations in place of images (:mod:`rankjax.frozen_cache`; no shifts then).
   """
   if from_frozen and test_time_shift:
@@ -38,7 +38,7 @@ def make_embed_fn(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = 
     model = nnx.merge(eval_graphdef, variables["params"], variables["model_state"])
     if from_frozen:
       return model.embed_from_frozen(images).astype(jnp.float32)
-    return test_time.mean_over_shifts(lambda x: model(x).astype(jnp.float32), images,
+    return shift_average.mean_over_shifts(lambda x: model(x).astype(jnp.float32), images,
                                       test_time_shift, normalize=normalize_views)
 
   if mesh is None:

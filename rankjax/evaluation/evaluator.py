@@ -10,30 +10,22 @@ A config lists the metrics by name; the evaluator computes the retrieval metrics
       ["recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"],
       distance="cosine")
 
-  # Embeddings already on the host (f32[N, D], int[N]):
+  # Embeddings on the host (f32[N, D], int[N]), e.g. from rankjax.evaluation.embed.embed_split:
   for name, value in evaluator.run(embeddings, labels):
     writer.write_scalars(step, {f"eval/{name}": value})
-
-  # Or straight from the model and the test split's batches, dicts {"image", "label", "mask"}
-  # where "mask" is False on padding rows (they are dropped):
-  metrics = dict(evaluator.run_on_batches(lambda images: model(images), eval_batches))
 
 Metric names: ``"recall@K"`` for any positive K, ``"map@r"``, ``"r_precision"`` and ``"nmi"``
 (also accepted as one comma-separated string, handy on a command line). With ``distance="cosine"``
 NMI clusters the L2-normalised embeddings, the geometry the retrieval ranks in.
-
-Single host: ``embed_fn`` must return arrays that ``numpy.asarray`` can read (on a multi-host mesh,
-gather them first, e.g. with ``jax.experimental.multihost_utils.process_allgather``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rankjax import similarity
 from rankjax.evaluation import clustering
@@ -114,35 +106,3 @@ class Evaluator:
         yield name, clustering.nmi(x, labels, seed=self.nmi_seed)
       else:
         yield name, values[name]
-
-  def run_on_batches(self, embed_fn: Callable[[Any], Any],
-                     batches: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, float]]:
-    """Embeds every batch with ``embed_fn(batch["image"])``, then :meth:`run` on the result."""
-    embeddings, labels = embed_batches(embed_fn, batches)
-    yield from self.run(embeddings, labels)
-
-
-def embed_batches(embed_fn: Callable[[Any], Any],
-                  batches: Iterable[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-  """``(f32[N, D], int[N])`` on the host: ``embed_fn(batch["image"])`` for every batch.
-
-  Rows where ``batch["mask"]`` is False (padding of the last batch) are dropped; a batch without a
-  ``"mask"`` keeps every row.
-  """
-  embeddings, labels = [], []
-  for i, batch in enumerate(batches):
-    for key in ("image", "label"):
-      if key not in batch:
-        raise ValueError(f"Batch {i} has no {key!r} entry; got keys {sorted(batch)}.")
-    out = np.asarray(embed_fn(batch["image"]), np.float32)
-    label = np.asarray(batch["label"])
-    if out.ndim != 2 or out.shape[0] != label.shape[0]:
-      raise ValueError(f"Batch {i}: embed_fn returned shape {out.shape} for {label.shape[0]} "
-                       "labels; expected [batch, dim].")
-    keep = (np.ones(label.shape[0], bool) if batch.get("mask") is None
-            else np.asarray(batch["mask"]).astype(bool).reshape(-1))
-    embeddings.append(out[keep])
-    labels.append(label[keep])
-  if not embeddings:
-    raise ValueError("batches is empty: there is nothing to evaluate.")
-  return np.concatenate(embeddings), np.concatenate(labels)

@@ -277,22 +277,6 @@ def query_results(embeddings, labels, *, distance: str = "cosine", reference_emb
                       gallery_size=gallery_size)
 
 
-def exact_top_k(scores: jax.Array, k: int, *, block: int = _BLOCK) -> tuple[jax.Array, jax.Array]:
-  """``jax.lax.top_k(scores, k)`` along the last axis, with the same ties (lower index first).
-
-  Args:
-    scores: ``f32[C, N]``.
-    k: how many, at most ``N``.
-    block: columns per block of the two-stage search (see :func:`top_k_candidates`).
-
-  Returns:
-    ``(values f32[C, k], indices int32[C, k])``, best first.
-  """
-  values, indices = top_k_candidates(scores, k, block=block)
-  values, where = jax.lax.top_k(values, k)
-  return values, jnp.take_along_axis(indices, where, axis=1)
-
-
 def top_k_candidates(scores: jax.Array, k: int, *,
                      block: int = _BLOCK) -> tuple[jax.Array, jax.Array]:
   """A few columns of each row, in column order, that hold its top ``k`` (ties: lower index).
