@@ -18,17 +18,17 @@ import jax
 import ml_collections
 import numpy as np
 
+from rankjax import build
 from rankjax import checkpoint
 from rankjax import configs
 from rankjax import resume
-from rankjax import train
 from rankjax.evaluation import embed as eval_embed
 from rankjax import train_state
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in ``workdir`` was trained with (``workdir/config.json``)."""
-  path = os.path.join(workdir, train.CONFIG_FILE)
+  path = os.path.join(workdir, resume.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the --workdir of a run?")
   with open(path) as f:
@@ -66,7 +66,7 @@ def load_embedder(workdir: str, *, which: str = "latest",
   config = load_config(workdir)
   config.model.pretrained = None  # The checkpoint replaces whatever weights the config names.
   spec = types.SimpleNamespace(num_channels=_recorded_channels(workdir, config))
-  model = train.build_model(config, spec)
+  model = build.build_model(config, spec)
   _, eval_graphdef, params, model_state = train_state.split_model(model)
   variables, _ = checkpoint.restore_model(
       workdir, {"params": params, "model_state": model_state}, which=which)

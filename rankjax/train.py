@@ -56,8 +56,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
+from rankjax import build
 from rankjax import checkpoint
 from rankjax import configs
 from rankjax import cross_batch
@@ -77,6 +77,8 @@ from rankjax.evaluation import shift_average
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = resume.CONFIG_FILE
+# The encoder of a config (rankjax.build), here too for the code that builds it with the trainer.
+build_model = build.build_model
 # The validation metrics of a fresh run before its first step (the start of its curves).
 INITIAL_EVAL_FILE = "initial_eval.json"
 
@@ -325,23 +327,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 # ---------------------------------------------------------------------------------------------
 # Building blocks (importable: tests and notebooks use them directly).
 # ---------------------------------------------------------------------------------------------
-
-
-def build_model(config: ml_collections.ConfigDict, info: Any) -> nnx.Module:
-  """The encoder + head of ``config.model`` for a dataset with ``info.num_channels`` channels.
-
-  ``info`` is a :class:`rankjax.data.DatasetInfo` or anything with ``num_channels`` (the dataset's
-  spec: the model needs nothing else of the data, nor of the loss).
-  """
-  from rankjax import models  # pylint: disable=g-import-not-at-top
-  return models.get_model(
-      config.model.name, embedding_dim=config.model.embedding_dim,
-      num_channels=info.num_channels, pooling=config.model.pooling,
-      normalize=configs.normalize_embeddings(config),
-      freeze_batchnorm=config.model.freeze_batchnorm, dtype=jnp.dtype(config.model.dtype),
-      pretrained=config.model.pretrained,
-      backbone_options=config.model.backbone_options.to_dict() or None,
-      rngs=nnx.Rngs(seeding.stream_key(config.seed, "init")))
 
 
 def init_loss_params(config: ml_collections.ConfigDict, info: Any, *,
