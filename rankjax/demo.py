@@ -59,11 +59,12 @@ def loss_table(embeddings, labels, seed: int = 0):
     spec = losses.get_spec(name)
     # A loss's learned parameters (class proxies, ...) at their start, one row per digit; the
     # same for both batches.
+    options = spec.loss_options(spec.defaults)
     extra = spec.init_params(jax.random.fold_in(key, 1), _DIGIT_CLASSES, embeddings.shape[1],
-                             **spec.defaults)
+                             **options)
     if spec.takes_key:
       extra["key"] = jax.random.fold_in(key, 2)
-    fn = jax.jit(spec.bind(**spec.loss_options(spec.defaults)))
+    fn = jax.jit(spec.bind(**options))
     ours = float(fn(embeddings, labels, **extra))
     chance = float(fn(random, labels, **extra))
     rows.append((name, ours, chance, time.perf_counter() - start))
